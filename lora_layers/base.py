@@ -1,0 +1,256 @@
+"""The shared LoRA base: rank, alpha, scaling, dropout, merge state and merge arithmetic.
+
+Every layer in :mod:`lora_layers` subclasses the ``torch.nn`` layer it replaces *and*
+:class:`LoRALayer`. The torch parent owns the pretrained ``weight`` / ``bias`` (so their
+state-dict keys are exactly ``nn.Linear``'s, ``nn.Embedding``'s, ...), :class:`LoRALayer`
+owns everything LoRA, and each subclass only says how its delta weight and its LoRA branch
+are computed.
+
+Merging never touches ``weight``. The merged weight
+
+    W' = (W.float() + delta_weight()).to(W.dtype)
+
+is computed in fp32, rounded once and kept in a separate non-persistent buffer
+``merged_weight``. Unmerging drops that buffer, so the base weight is bit-identical to the
+original after any number of merges, and ``state_dict()`` always holds the original weight.
+The cost is one extra weight-sized tensor per layer while it is merged; ``merge_and_unload``
+(in :mod:`lora_layers.surgery`) frees it by making the merged tensor the layer's only weight.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+__all__ = ["LoRALayer", "check_lora_args", "check_wrappable"]
+
+
+def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None:
+    """Validate the arguments every LoRA layer takes.
+
+    Args:
+        r: The rank; a non-negative ``int``.
+        lora_alpha: The scaling numerator; a positive real number when ``r > 0``.
+        lora_dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.
+
+    Raises:
+        TypeError: If ``r`` is not an int or ``lora_alpha`` / ``lora_dropout`` are not numbers.
+        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, or ``lora_dropout``
+            is outside ``[0, 1)``.
+    """
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be a non-negative int, got {r!r} ({type(r).__name__})")
+    if r < 0:
+        raise ValueError(f"r must be a non-negative int, got r={r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    if r > 0 and not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be > 0 when r > 0, got lora_alpha={lora_alpha}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
+        raise TypeError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout}")
+
+
+def check_wrappable(module: nn.Module, expected: type | tuple[type, ...]) -> None:
+    """Check that ``from_module`` can wrap ``module``.
+
+    Args:
+        module: The layer to wrap.
+        expected: The torch layer type(s) the LoRA layer replaces.
+
+    Raises:
+        TypeError: If ``module`` already has LoRA or is not an instance of ``expected``.
+    """
+    if isinstance(module, LoRALayer):
+        raise TypeError(
+            f"{type(module).__name__} already has LoRA; unload it before wrapping it again"
+        )
+    if not isinstance(module, expected):
+        names = (
+            expected.__name__
+            if isinstance(expected, type)
+            else " or ".join(t.__name__ for t in expected)
+        )
+        raise TypeError(
+            f"from_module expects {names}, got {type(module).__name__}; "
+            "supported: nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
+        )
+
+
+class LoRALayer:
+    """Mixin holding the LoRA hyper-parameters, the merge state and the merge arithmetic.
+
+    Subclasses call :meth:`_setup_lora` in ``__init__`` after the torch parent built the base
+    parameters, then implement :meth:`delta_weight` and ``forward``.
+
+    Attributes:
+        r: Rank of the update (0: a plain layer with no LoRA parameters).
+        lora_alpha: Scaling numerator.
+        scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+        use_rslora: Whether rank-stabilised scaling is used.
+        lora_dropout: ``nn.Dropout`` on the LoRA branch's input, or ``nn.Identity`` when p=0.
+        merge_weights: If True, ``eval()`` merges and ``train()`` unmerges (loralib's contract).
+        disable_adapters: If True, the layer computes its base output only.
+        merged_weight: The merged weight while merged, else None (non-persistent buffer).
+    """
+
+    r: int
+    lora_alpha: float
+    scaling: float
+    use_rslora: bool
+    merge_weights: bool
+    disable_adapters: bool
+    lora_dropout: nn.Module
+    merged_weight: torch.Tensor | None
+    weight: nn.Parameter
+
+    def _setup_lora(
+        self,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        merge_weights: bool,
+        use_rslora: bool,
+        active: bool = True,
+    ) -> None:
+        check_lora_args(r, lora_alpha, lora_dropout)
+        self.r = int(r) if active else 0  # inactive: e.g. a MergedLinear with no enabled slice
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self._compute_scaling(self.r)
+        self.merge_weights = bool(merge_weights)
+        self.disable_adapters = False
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.register_buffer("merged_weight", None, persistent=False)
+        if self.r > 0:
+            # The pretrained weight is frozen, as in loralib; the bias keeps its own setting.
+            self.weight.requires_grad_(False)
+
+    def _adopt(self, module: nn.Module, lora_dtype: torch.dtype | None) -> None:
+        """Take ``module``'s own ``weight``/``bias`` Parameters (shared, never copied).
+
+        Called by ``from_module`` on a layer built on the meta device; the LoRA parameters
+        are then created on the weight's device, so meta-device models stay on meta.
+        """
+        self.weight = module.weight
+        self.bias = module.bias
+        if self.r > 0:
+            self.weight.requires_grad_(False)
+        self._init_lora_parameters(self.weight.device, lora_dtype or self.weight.dtype)
+        # Copy the mode without merging: an eval-mode layer merges on its next eval() call.
+        nn.Module.train(self, module.training)
+
+    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _compute_scaling(self, r: int) -> float:
+        if r == 0:
+            return 0.0
+        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def merged(self) -> bool:
+        """True while the layer holds a merged weight."""
+        return self.merged_weight is not None
+
+    @property
+    def dropout_p(self) -> float:
+        """The dropout probability of the LoRA branch (0.0 without dropout)."""
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def _lora_parameters(self) -> tuple[nn.Parameter, ...]:
+        if self.r == 0:
+            return ()
+        return (self.lora_A, self.lora_B)
+
+    def _use_merged(self) -> bool:
+        """Whether forward may run the merged single-op path.
+
+        Only while merged, with the adapter on, and when no LoRA gradient is needed: a forward
+        that must train the adapter runs the unmerged path so its gradients are exact.
+        """
+        if self.merged_weight is None or self.disable_adapters:
+            return False
+        needs_grad = any(p.requires_grad for p in self._lora_parameters())
+        return not (needs_grad and torch.is_grad_enabled())
+
+    def _lora_active(self) -> bool:
+        return self.r > 0 and not self.disable_adapters
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """The weight update ``scaling * B @ A`` in fp32, in the layout of ``self.weight``.
+
+        Returns:
+            A float32 tensor with ``self.weight``'s shape.
+        """
+        raise NotImplementedError
+
+    def get_merged_weight(self) -> torch.Tensor:
+        """Compute ``(W.float() + delta_weight()).to(W.dtype)`` without changing anything.
+
+        Returns:
+            A new tensor with ``self.weight``'s shape, dtype and device.
+
+        Raises:
+            ValueError: If the merged weight would hold NaN or Inf.
+        """
+        weight = self.weight
+        merged = (weight.detach().float() + self.delta_weight().detach()).to(weight.dtype)
+        if merged.device.type != "meta" and not torch.isfinite(merged).all():
+            bad = (~torch.isfinite(merged)).sum().item()
+            raise ValueError(
+                f"merging the LoRA update into {type(self).__name__} would produce {bad} "
+                "non-finite (NaN/Inf) weight elements; the weight was left unchanged. "
+                "Check lora_A / lora_B for NaN/Inf or overflow in the base dtype."
+            )
+        return merged
+
+    def merge(self) -> None:
+        """Merge the LoRA update into a separate merged weight used by eval forwards.
+
+        The base ``weight`` is never modified. Calling ``merge`` again recomputes the merged
+        weight from the current ``lora_A`` / ``lora_B``.
+
+        Raises:
+            ValueError: If the merged weight would hold NaN or Inf (nothing is changed).
+        """
+        if self.r == 0:
+            return
+        self.merged_weight = self.get_merged_weight()
+
+    def unmerge(self) -> None:
+        """Drop the merged weight; the base weight was never modified, so this is exact."""
+        self.merged_weight = None
+
+    def train(self, mode: bool = True):
+        """Set training mode; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges.
+
+        Args:
+            mode: True for training mode, False for evaluation mode.
+
+        Returns:
+            The module itself, as ``nn.Module.train`` does.
+        """
+        super().train(mode)
+        if self.merge_weights and self.r > 0:
+            if mode:
+                self.unmerge()
+            elif not self.merged:
+                self.merge()
+        return self
+
+    def lora_extra_repr(self) -> str:
+        if self.r == 0:
+            return "r=0"
+        text = f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+        if self.dropout_p:
+            text += f", lora_dropout={self.dropout_p}"
+        if self.use_rslora:
+            text += ", use_rslora=True"
+        return text

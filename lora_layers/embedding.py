@@ -1,0 +1,186 @@
+"""LoRA ``Embedding``: a drop-in replacement for ``nn.Embedding`` and ``loralib.Embedding``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoRALayer, check_wrappable
+
+__all__ = ["Embedding"]
+
+
+class Embedding(LoRALayer, nn.Embedding):
+    r"""``nn.Embedding`` with a trainable low-rank update of the embedding table.
+
+    .. math::
+
+        y = W[x] + \frac{\alpha}{r} \, A^\top[x] \, B^\top, \qquad
+        \Delta W = \frac{\alpha}{r} (B A)^\top
+
+    with ``A`` of shape ``(r, num_embeddings)`` (zeros) and ``B`` of shape
+    ``(embedding_dim, r)`` (standard normal), as in loralib, so the output at initialisation
+    equals the base output. ``max_norm`` renormalises the base table only, as
+    ``nn.Embedding`` does; ``lora_A`` is never modified in place (loralib renormalises it).
+    With ``max_norm`` set, forwards always run unmerged, since renormalising a merged table
+    would give a different result.
+
+    Args:
+        num_embeddings (int): Size of the vocabulary.
+        embedding_dim (int): Size of each embedding vector.
+        r (int): Rank of the update; 0 gives a plain ``nn.Embedding``.
+        lora_alpha (float): Scaling numerator; ``scaling = lora_alpha / r``.
+        merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
+        padding_idx (int | None): As ``nn.Embedding``.
+        max_norm (float | None): As ``nn.Embedding`` (applies to the base table only).
+        norm_type (float): As ``nn.Embedding``.
+        scale_grad_by_freq (bool): As ``nn.Embedding``.
+        sparse (bool): As ``nn.Embedding`` (the base table's gradient).
+        use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)``.
+        fan_in_fan_out (bool): Not meaningful for an embedding; must be False.
+        device (torch.device | str | None): Device of the parameters.
+        dtype (torch.dtype | None): Dtype of the parameters.
+
+    Raises:
+        ValueError: If ``fan_in_fan_out`` is True, or ``r``/``lora_alpha`` are invalid.
+        TypeError: If ``r`` or ``lora_alpha`` have the wrong type.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        use_rslora: bool = False,
+        fan_in_fan_out: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if fan_in_fan_out:
+            raise ValueError(
+                "fan_in_fan_out=True makes no sense for Embedding (its table is already "
+                "(num_embeddings, embedding_dim)); drop the argument"
+            )
+        nn.Embedding.__init__(
+            self,
+            num_embeddings,
+            embedding_dim,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            sparse=sparse,
+            device=device,
+            dtype=dtype,
+        )
+        self._setup_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
+        self._init_lora_parameters(self.weight.device, self.weight.dtype)
+
+    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self.r == 0:
+            return
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.num_embeddings, **kw))
+        self.lora_B = nn.Parameter(torch.empty(self.embedding_dim, self.r, **kw))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A zeros and B standard normal, as loralib: the update starts at exactly zero."""
+        if self.r == 0:
+            return
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+        self.unmerge()
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Embedding,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+    ) -> Embedding:
+        """Wrap an existing ``nn.Embedding``, sharing (not copying) its ``weight``.
+
+        Args:
+            module (nn.Embedding): The layer to wrap. Works on meta-device layers.
+            r (int): Rank of the update.
+            lora_alpha (float): Scaling numerator.
+            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
+            use_rslora (bool): Rank-stabilised scaling.
+            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default: weight's).
+
+        Returns:
+            Embedding: A new layer whose ``weight`` is the module's own Parameter.
+
+        Raises:
+            TypeError: If ``module`` is not an ``nn.Embedding`` or already has LoRA.
+        """
+        check_wrappable(module, nn.Embedding)
+        with torch.device("meta"):
+            layer = cls(
+                module.num_embeddings,
+                module.embedding_dim,
+                r=r,
+                lora_alpha=lora_alpha,
+                merge_weights=merge_weights,
+                padding_idx=module.padding_idx,
+                max_norm=module.max_norm,
+                norm_type=module.norm_type,
+                scale_grad_by_freq=module.scale_grad_by_freq,
+                sparse=module.sparse,
+                use_rslora=use_rslora,
+            )
+        layer._adopt(module, lora_dtype)
+        return layer
+
+    @property
+    def bias(self) -> None:
+        """Embeddings have no bias (lets the shared helpers treat every layer alike)."""
+        return None
+
+    @bias.setter
+    def bias(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("Embedding has no bias")
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(scaling * B @ A).T`` in fp32, shape ``(num_embeddings, embedding_dim)``."""
+        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).t()
+
+    def _use_merged(self) -> bool:
+        return self.max_norm is None and super()._use_merged()
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x,
+            weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_merged():
+            return self._embed(x, self.merged_weight)
+        out = self._embed(x, self.weight)
+        if not self._lora_active():
+            return out
+        # The LoRA table is looked up without max_norm, so lora_A is never renormalised.
+        after_a = F.embedding(x, self.lora_A.t(), self.padding_idx)  # (..., r)
+        return out + (F.linear(after_a, self.lora_B) * self.scaling).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.lora_extra_repr()

@@ -1,0 +1,158 @@
+"""LoRA ``Linear``: a drop-in replacement for ``nn.Linear`` and ``loralib.Linear``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoRALayer, check_wrappable
+from .functional import lora_linear
+
+__all__ = ["Linear"]
+
+
+class Linear(LoRALayer, nn.Linear):
+    r"""``nn.Linear`` with a trainable low-rank update.
+
+    .. math::
+
+        y = x W^\top + b + \frac{\alpha}{r} \, \mathrm{dropout}(x) A^\top B^\top
+
+    with ``A`` of shape ``(r, in_features)`` (kaiming-uniform, ``a=sqrt(5)``) and ``B`` of shape
+    ``(out_features, r)`` (zeros), so the output at initialisation equals the base output.
+
+    Args:
+        in_features (int): Size of each input sample.
+        out_features (int): Size of each output sample.
+        r (int): Rank of the update; 0 gives a plain ``nn.Linear`` with no LoRA parameters.
+        lora_alpha (float): Scaling numerator; ``scaling = lora_alpha / r``.
+        lora_dropout (float): Dropout probability on the LoRA branch's input, in ``[0, 1)``.
+        fan_in_fan_out (bool): Store ``weight`` as ``(in, out)``, as GPT-2's ``Conv1D`` does.
+        merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
+        bias (bool): Whether the layer has a bias.
+        use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+        device (torch.device | str | None): Device of the parameters.
+        dtype (torch.dtype | None): Dtype of the parameters.
+
+    Raises:
+        TypeError: If ``r`` is not an int, or ``lora_alpha``/``lora_dropout`` not numbers.
+        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, or ``lora_dropout``
+            outside ``[0, 1)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        bias: bool = True,
+        use_rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        if self.fan_in_fan_out:
+            # Same values and init as nn.Linear, stored transposed: (in, out).
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous())
+        self._slices = self._enabled_slices()  # ((start, stop), ...) output columns with LoRA
+        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, bool(self._slices))
+        self._init_lora_parameters(self.weight.device, self.weight.dtype)
+
+    def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
+        return ((0, self.out_features),)
+
+    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self.r == 0:
+            return
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **kw))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform (a=sqrt(5)) as ``nn.Linear`` initialises weights; B zeros."""
+        if self.r == 0:
+            return
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.unmerge()
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Linear,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+    ) -> Linear:
+        """Wrap an existing ``nn.Linear``, sharing (not copying) its ``weight`` and ``bias``.
+
+        Args:
+            module (nn.Linear): The layer to wrap. Works on meta-device layers.
+            r (int): Rank of the update.
+            lora_alpha (float): Scaling numerator.
+            lora_dropout (float): Dropout probability on the LoRA branch's input.
+            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
+            use_rslora (bool): Rank-stabilised scaling.
+            lora_dtype (torch.dtype | None): Dtype of ``lora_A``/``lora_B`` (default: the
+                weight's), e.g. ``torch.float32`` on a bf16 base.
+
+        Returns:
+            Linear: A new layer whose ``weight``/``bias`` are the module's own Parameters.
+
+        Raises:
+            TypeError: If ``module`` is not an ``nn.Linear`` or is already a LoRA layer.
+        """
+        check_wrappable(module, nn.Linear)
+        with torch.device("meta"):
+            layer = cls(
+                module.in_features,
+                module.out_features,
+                r=r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                merge_weights=merge_weights,
+                bias=module.bias is not None,
+                use_rslora=use_rslora,
+            )
+        layer._adopt(module, lora_dtype)
+        return layer
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in fp32, shape ``(out, in)`` (``(in, out)`` with fan_in_fan_out)."""
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_merged():
+            weight = self.merged_weight
+        elif self._lora_active():
+            return lora_linear(
+                x,
+                self.weight,
+                self.bias,
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                self.lora_dropout,
+                self.fan_in_fan_out,
+                self._slices,
+            )
+        else:
+            weight = self.weight
+        return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + ", " + self.lora_extra_repr()
+        return text + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
