@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 from torch import nn
@@ -81,6 +82,37 @@ def check_wrappable(module: nn.Module, expected: type | tuple[type, ...]) -> Non
         )
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` shard (FSDP2 ``fully_shard``, tensor parallel)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def _reentrant_checkpoint_inputs_need_grad() -> bool | None:
+    """Inside ``torch.utils.checkpoint(..., use_reentrant=True)``: does any input need grad?
+
+    Returns whether any tensor input of the outermost enclosing reentrant checkpoint requires
+    grad, or None when the caller runs inside no reentrant checkpoint. Only called on the rare
+    path of a training-mode forward with grad disabled, so walking the stack costs nothing in
+    ordinary training.
+    """
+    checkpoint = sys.modules.get("torch.utils.checkpoint")
+    function = getattr(checkpoint, "CheckpointFunction", None)
+    if function is None:
+        return None
+    code = function.forward.__code__
+    outermost = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            outermost = frame
+        frame = frame.f_back
+    if outermost is None:
+        return None
+    args = outermost.f_locals.get("args", ())
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 class LoRALayer:
     """Mixin holding the LoRA hyper-parameters, the merge state and the merge arithmetic.
 
@@ -137,7 +169,7 @@ class LoRALayer:
         are then created on the weight's device, so meta-device models stay on meta.
         """
         self.weight = module.weight
-        self.bias = module.bias
+        self.bias = getattr(module, "bias", None)  # nn.Embedding has no bias attribute
         if self.r > 0:
             self.weight.requires_grad_(False)
         self._init_lora_parameters(self.weight.device, lora_dtype or self.weight.dtype)
@@ -174,13 +206,42 @@ class LoRALayer:
         Only while merged, with the adapter on, and when no LoRA gradient is needed: a forward
         that must train the adapter runs the unmerged path so its gradients are exact.
         """
+        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._check_gradient_reaches_lora()
         if self.merged_weight is None or self.disable_adapters:
             return False
-        needs_grad = any(p.requires_grad for p in self._lora_parameters())
+        # The merged weight is detached: a trainable base weight needs the unmerged path too.
+        needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
         return not (needs_grad and torch.is_grad_enabled())
 
     def _lora_active(self) -> bool:
         return self.r > 0 and not self.disable_adapters
+
+    def _check_gradient_reaches_lora(self) -> None:
+        """Raise instead of letting reentrant checkpointing silently drop the LoRA gradients.
+
+        ``torch.utils.checkpoint(..., use_reentrant=True)`` runs its block without grad and
+        replays it in backward only if one of its tensor inputs requires grad. With frozen
+        inputs (e.g. frozen embeddings) the replay never happens and every LoRA layer inside
+        gets ``None`` gradients (microsoft/LoRA#120). Called by forward in training mode with
+        grad disabled.
+
+        Raises:
+            RuntimeError: If this layer has trainable LoRA parameters and runs inside a
+                reentrant checkpoint none of whose tensor inputs requires grad.
+        """
+        if not self._lora_active() or not any(p.requires_grad for p in self._lora_parameters()):
+            return
+        if _reentrant_checkpoint_inputs_need_grad() is False:
+            raise RuntimeError(
+                f"{type(self).__name__} (r={self.r}) runs in training mode inside "
+                "torch.utils.checkpoint(use_reentrant=True) whose inputs do not require grad, "
+                "so backward would never reach it and lora_A / lora_B would get no gradient. "
+                "Fix: pass use_reentrant=False (recommended), or make an input of the "
+                "checkpointed block require grad (lora_layers.enable_input_require_grads(model), "
+                "or x.requires_grad_()). For a forward without gradients, call model.eval() or "
+                "skip checkpointing when not torch.is_grad_enabled(), as transformers does."
+            )
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
@@ -219,14 +280,33 @@ class LoRALayer:
 
         Raises:
             ValueError: If the merged weight would hold NaN or Inf (nothing is changed).
+            RuntimeError: If the parameters are sharded (FSDP2 ``fully_shard``): merge a
+                gathered, unsharded copy instead (see ``docs/distributed.md``).
         """
         if self.r == 0:
             return
+        if self._sharded():
+            raise RuntimeError(
+                f"cannot merge {type(self).__name__}: its parameters are sharded DTensors "
+                "(FSDP2 fully_shard or tensor parallel), and a merged weight would be a full, "
+                "unsharded copy on every rank. Sharded layers run the exact unmerged path; to "
+                "merge, load the full adapter state dict into an unsharded model first."
+            )
         self.merged_weight = self.get_merged_weight()
+
+    def _sharded(self) -> bool:
+        return any(_is_sharded(p) for p in (self.weight, *self._lora_parameters()))
 
     def unmerge(self) -> None:
         """Drop the merged weight; the base weight was never modified, so this is exact."""
         self.merged_weight = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # Loading new weights into a merged layer must not leave a stale merged weight.
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.merged:
+            self.unmerge()
+            self.merge()
 
     def train(self, mode: bool = True):
         """Set training mode; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges.
@@ -241,7 +321,7 @@ class LoRALayer:
         if self.merge_weights and self.r > 0:
             if mode:
                 self.unmerge()
-            elif not self.merged:
+            elif not self.merged and not self._sharded():  # sharded: stay on the unmerged path
                 self.merge()
         return self
 

@@ -159,7 +159,7 @@ class Embedding(LoRALayer, nn.Embedding):
         return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).t()
 
     def _use_merged(self) -> bool:
-        return self.max_norm is None and super()._use_merged()
+        return super()._use_merged() and self.max_norm is None  # super() runs its checks
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.embedding(
