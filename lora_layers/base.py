@@ -158,6 +158,7 @@ class LoRALayer:
         self.disable_adapters = False
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.register_buffer("merged_weight", None, persistent=False)
+        self._merged_versions: tuple[int, ...] = ()  # parameter versions the merge was made from
         if self.r > 0:
             # The pretrained weight is frozen, as in loralib; the bias keeps its own setting.
             self.weight.requires_grad_(False)
@@ -212,7 +213,16 @@ class LoRALayer:
             return False
         # The merged weight is detached: a trainable base weight needs the unmerged path too.
         needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
-        return not (needs_grad and torch.is_grad_enabled())
+        if needs_grad and torch.is_grad_enabled():
+            return False
+        if not torch.compiler.is_compiling() and self._merged_versions != self._param_versions():
+            # A parameter changed in place since the merge (an optimizer step taken in eval
+            # mode, a load, an init): refresh the merged weight rather than use a stale one.
+            self.merge()
+        return True
+
+    def _param_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in (self.weight, *self._lora_parameters()))
 
     def _lora_active(self) -> bool:
         return self.r > 0 and not self.disable_adapters
@@ -293,6 +303,7 @@ class LoRALayer:
                 "merge, load the full adapter state dict into an unsharded model first."
             )
         self.merged_weight = self.get_merged_weight()
+        self._merged_versions = self._param_versions()
 
     def _sharded(self) -> bool:
         return any(_is_sharded(p) for p in (self.weight, *self._lora_parameters()))

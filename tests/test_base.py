@@ -372,3 +372,21 @@ def test_conv_state_dict_keys_are_torch_keys():
     base = nn.Conv2d(4, 6, (3, 2), groups=2)
     base.load_state_dict({k: v for k, v in layer.state_dict().items() if "lora" not in k})
     assert torch.equal(base.weight, layer.weight)
+
+
+def test_merged_weight_refreshes_after_in_place_update_in_eval_mode():
+    # Training in eval mode (grad on: unmerged path), then a no-grad forward: the merged
+    # weight made before the optimizer step must not be used stale.
+    layer = lora_layers.Linear(12, 6, r=3, lora_alpha=6)
+    fill_lora_(layer)
+    layer.eval()
+    assert layer.merged
+    x = torch.randn(4, 12)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        out = layer(x)
+    delta = layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    expected = F.linear(x, layer.weight + delta, layer.bias)
+    assert_close(out, expected)
