@@ -4,25 +4,89 @@ A drop-in replacement for ``nn.Linear`` and Microsoft's ``loralib``: the same co
 arguments and state-dict keys, exact merge math, and helpers to put LoRA into any model.
 """
 
+from .adapters import (
+    Adapter,
+    AdapterError,
+    AdapterLoadError,
+    LayerSpec,
+    LoadReport,
+    adapter_from_model,
+    export_peft,
+    fuse_separate,
+    import_peft,
+    load_lora,
+    load_lora_state_dict,
+    read_adapter,
+    save_lora,
+    split_fused,
+)
 from .base import LoRALayer
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear
+from .surgery import (
+    ALL_LINEAR,
+    FUSED_LAYOUTS,
+    FusedSpec,
+    InjectSpec,
+    count_parameters,
+    enable_input_require_grads,
+    inject_lora,
+    lora_module_names,
+    merge_and_unload,
+    merge_lora,
+    plan_lora,
+    replace_module,
+    resolve_fused,
+    unload,
+    unmerge_lora,
+    wrap_module,
+)
 from .utils import disable_adapters, lora_modules, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_LINEAR",
+    "FUSED_LAYOUTS",
+    "Adapter",
+    "AdapterError",
+    "AdapterLoadError",
     "Conv1d",
     "Conv2d",
     "Conv3d",
     "Embedding",
-    "LoRALayer",
+    "FusedSpec",
+    "InjectSpec",
+    "LayerSpec",
     "Linear",
+    "LoRALayer",
+    "LoadReport",
     "MergedLinear",
+    "adapter_from_model",
+    "count_parameters",
     "disable_adapters",
+    "enable_input_require_grads",
+    "export_peft",
+    "fuse_separate",
+    "import_peft",
+    "inject_lora",
+    "load_lora",
+    "load_lora_state_dict",
+    "lora_module_names",
     "lora_modules",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
+    "merge_and_unload",
+    "merge_lora",
+    "plan_lora",
+    "read_adapter",
+    "replace_module",
+    "resolve_fused",
+    "save_lora",
+    "split_fused",
+    "unload",
+    "unmerge_lora",
+    "wrap_module",
 ]

@@ -1,0 +1,1799 @@
+"""Adapter files: safe save/load with full validation, PEFT and loralib interop, fused <-> separate.
+
+An adapter file is one safetensors file holding the LoRA tensors (``<module>.lora_A``,
+``<module>.lora_B`` and optionally ``<module>.bias``, the keys of :func:`lora_state_dict`) and,
+in the header metadata, a versioned JSON description of every adapted layer (layer type, rank,
+alpha, rsLoRA, fan_in_fan_out, dropout, fused-slice layout, base weight shape, dtype). The
+format is specified in ``docs/adapters.md``.
+
+Loading validates everything before changing anything: the file against its own metadata,
+the metadata against the model's layers, and the model's LoRA layers against the file. Every
+problem found (missing key, unexpected key, shape mismatch, config mismatch) is reported in
+one :class:`AdapterLoadError`; in non-strict mode the same :class:`LoadReport` is returned
+(and warned about) and only the modules without problems are loaded.
+
+No pickle: ``.pt`` / ``.bin`` files are refused unless ``allow_pickle=True``, and then read
+with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import numbers
+import os
+import re
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from .base import LoRALayer, check_lora_args
+from .conv import Conv1d, Conv2d, Conv3d
+from .embedding import Embedding
+from .linear import Linear
+from .merged import MergedLinear, _check_slices
+from .surgery import replace_module
+from .utils import BIAS_MODES, lora_modules, lora_state_dict
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "PHI3_FUSED",
+    "Adapter",
+    "AdapterError",
+    "AdapterLoadError",
+    "LayerSpec",
+    "LoadReport",
+    "adapter_from_model",
+    "export_peft",
+    "fuse_separate",
+    "import_peft",
+    "load_lora",
+    "load_lora_state_dict",
+    "normalize_key",
+    "phi3_split_sizes",
+    "read_adapter",
+    "read_peft",
+    "save_lora",
+    "split_fused",
+]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "lora_layers.adapter"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+# Phi-3's fused projections and the separate projections they stand for, in output order.
+PHI3_FUSED: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+# layer type name -> (lora_layers class, torch class it wraps)
+_LAYERS: dict[str, tuple[type, type]] = {
+    "Linear": (Linear, nn.Linear),
+    "MergedLinear": (MergedLinear, nn.Linear),
+    "Embedding": (Embedding, nn.Embedding),
+    "Conv1d": (Conv1d, nn.Conv1d),
+    "Conv2d": (Conv2d, nn.Conv2d),
+    "Conv3d": (Conv3d, nn.Conv3d),
+}
+_CONV_DIMS = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}
+_LORA_LEAVES = ("lora_A", "lora_B")
+
+
+class AdapterError(ValueError):
+    """An adapter (file, metadata or conversion request) is invalid.
+
+    Attributes:
+        problems: One line per problem found.
+    """
+
+    def __init__(self, problems: str | Sequence[str], context: str = "") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        head = f"{context}: " if context else ""
+        if len(self.problems) == 1:
+            message = head + self.problems[0]
+        else:
+            message = (
+                head
+                + f"{len(self.problems)} problems:\n"
+                + "\n".join(f"  - {p}" for p in self.problems)
+            )
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------- key names
+def normalize_key(key: str) -> str:
+    """Strip wrapper prefixes from a state-dict key or module name.
+
+    ``_orig_mod`` path components (``torch.compile``) are dropped wherever they appear, and
+    leading ``module.`` (DDP / DataParallel) and ``base_model.model.`` (PEFT) prefixes are
+    dropped, repeatedly. Only whole dotted components are matched, so names such as
+    ``weight_proj``, ``lora_bias`` or ``my_module`` are never changed.
+
+    Args:
+        key: A dotted key such as ``"_orig_mod.module.fc.lora_A"``.
+
+    Returns:
+        The key without wrapper prefixes, e.g. ``"fc.lora_A"``.
+    """
+    parts = [p for p in key.split(".") if p != "_orig_mod"]
+    changed = True
+    while changed:
+        changed = False
+        for prefix in (("module",), ("base_model", "model")):
+            n = len(prefix)
+            if len(parts) > n and tuple(parts[:n]) == prefix:
+                parts = parts[n:]
+                changed = True
+    return ".".join(parts)
+
+
+def _key(name: str, leaf: str) -> str:
+    return f"{name}.{leaf}" if name else leaf
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """``"a.b.lora_A"`` -> ``("a.b", "lora_A")``; the leaf is the last dotted component."""
+    name, _, leaf = key.rpartition(".")
+    return name, leaf
+
+
+def _normalize_name(name: str) -> str:
+    return _split_key(normalize_key(_key(name, "lora_A")))[0]
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return isinstance(module, LoRALayer) or any(p is not None for p in module._parameters.values())
+
+
+def _module_index(model: nn.Module) -> tuple[dict[str, tuple[str, nn.Module]], list[str]]:
+    """Map normalised module names to ``(raw name, module)``; list real name collisions.
+
+    A wrapper and the model it wraps (``""`` and ``"module"`` under DDP, ``""`` and
+    ``"_orig_mod"`` when compiled) normalise to the same name; the wrapped one, which holds
+    the weights, wins. Two modules that both hold parameters under one name are a collision.
+    """
+    index: dict[str, tuple[str, nn.Module]] = {}
+    collisions = []
+    for raw, module in model.named_modules():
+        norm = _normalize_name(raw)
+        if norm not in index:
+            index[norm] = (raw, module)
+            continue
+        old_raw, old = index[norm]
+        if _holds_weights(old) and _holds_weights(module):
+            collisions.append(
+                f"modules {old_raw!r} and {raw!r} both normalise to {norm!r} "
+                "(wrapper prefixes _orig_mod./module./base_model.model. are stripped)"
+            )
+        elif _holds_weights(module) or (not _holds_weights(old) and len(raw) > len(old_raw)):
+            index[norm] = (raw, module)
+    return index, collisions
+
+
+def _layer_type(module: nn.Module) -> str | None:
+    """The lora_layers type name of ``module`` (``"MergedLinear"``, ...), or None."""
+    if isinstance(module, MergedLinear):
+        return "MergedLinear"
+    for name in ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d"):
+        if isinstance(module, _LAYERS[name][0]):
+            return name
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: object) -> torch.dtype | None:
+    if not isinstance(name, str):
+        return None
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(s) for s in t.shape)
+
+
+# --------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything needed to rebuild one LoRA layer around its base layer.
+
+    Attributes:
+        layer: ``"Linear"``, ``"MergedLinear"``, ``"Embedding"``, ``"Conv1d"``, ``"Conv2d"``
+            or ``"Conv3d"``.
+        r: Rank (per enabled slice for ``MergedLinear``).
+        lora_alpha: Scaling numerator.
+        in_features: ``in_features`` / ``num_embeddings`` / ``in_channels``.
+        out_features: ``out_features`` / ``embedding_dim`` / ``out_channels``.
+        weight_shape: Shape of the base layer's ``weight``.
+        dtype: Dtype name of ``lora_A`` / ``lora_B`` (``"float32"``, ``"bfloat16"``, ...).
+        use_rslora: ``scaling = lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        lora_dropout: Dropout probability of the LoRA branch.
+        fan_in_fan_out: Whether the base weight is stored ``(in, out)``.
+        merge_weights: The layer's ``merge_weights`` flag.
+        enable_lora: ``MergedLinear`` only: which output slices have LoRA.
+        split_sizes: ``MergedLinear`` only: output slice sizes.
+    """
+
+    layer: str
+    r: int
+    lora_alpha: float
+    in_features: int
+    out_features: int
+    weight_shape: tuple[int, ...]
+    dtype: str = "float32"
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    merge_weights: bool = True
+    enable_lora: tuple[bool, ...] | None = None
+    split_sizes: tuple[int, ...] | None = None
+
+    @property
+    def scaling(self) -> float:
+        """``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA), as the layer computes it."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def slice_ranks(self) -> tuple[int, ...]:
+        """The rank of each output slice (0 for disabled slices); ``(r,)`` when unfused."""
+        if self.enable_lora is None:
+            return (self.r,)
+        return tuple(self.r if on else 0 for on in self.enable_lora)
+
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Shapes of ``lora_A`` and ``lora_B`` implied by this spec."""
+        if self.layer == "MergedLinear":
+            assert self.enable_lora is not None and self.split_sizes is not None
+            n_enabled = sum(self.enable_lora)
+            rows = sum(s for s, on in zip(self.split_sizes, self.enable_lora, strict=True) if on)
+            return (self.r * n_enabled, self.in_features), (rows, self.r)
+        if self.layer in _CONV_DIMS:
+            return (self.r, math.prod(self.weight_shape[1:])), (self.out_features, self.r)
+        return (self.r, self.in_features), (self.out_features, self.r)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> LayerSpec:
+        """Describe an existing lora_layers layer with ``r > 0``.
+
+        Raises:
+            TypeError: If ``layer`` is not a lora_layers layer.
+        """
+        kind = _layer_type(layer)
+        if kind is None:
+            raise TypeError(f"{type(layer).__name__} is not a lora_layers layer")
+        if kind == "Embedding":
+            in_f, out_f = layer.num_embeddings, layer.embedding_dim
+        elif kind in _CONV_DIMS:
+            in_f, out_f = layer.in_channels, layer.out_channels
+        else:
+            in_f, out_f = layer.in_features, layer.out_features
+        merged = kind == "MergedLinear"
+        return cls(
+            layer=kind,
+            r=layer.r,
+            lora_alpha=layer.lora_alpha,
+            in_features=in_f,
+            out_features=out_f,
+            weight_shape=_shape(layer.weight),
+            dtype=_dtype_name(layer.lora_A.dtype if layer.r > 0 else layer.weight.dtype),
+            use_rslora=layer.use_rslora,
+            lora_dropout=layer.dropout_p,
+            fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+            merge_weights=layer.merge_weights,
+            enable_lora=tuple(layer.enable_lora) if merged else None,
+            split_sizes=tuple(layer.split_sizes) if merged else None,
+        )
+
+    def problems(self) -> list[str]:
+        """Everything wrong with this spec (empty when it is valid)."""
+        out: list[str] = []
+        if self.layer not in _LAYERS:
+            return [f"unknown layer type {self.layer!r}; known: {sorted(_LAYERS)}"]
+        if not _is_int(self.r) or self.r <= 0:
+            out.append(f"r must be a positive int, got {self.r!r}")
+        else:
+            try:
+                check_lora_args(self.r, self.lora_alpha, self.lora_dropout)
+            except (TypeError, ValueError) as exc:
+                out.append(str(exc))
+        for name in ("in_features", "out_features"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                out.append(f"{name} must be a positive int, got {value!r}")
+        for name in ("use_rslora", "fan_in_fan_out", "merge_weights"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if _dtype_from_name(self.dtype) is None:
+            out.append(f"dtype must name a torch floating dtype, got {self.dtype!r}")
+        shape = self.weight_shape
+        if not isinstance(shape, tuple) or not all(_is_int(s) and s > 0 for s in shape):
+            out.append(f"weight_shape must be a list of positive ints, got {shape!r}")
+        if out:
+            return out
+        i, o = self.in_features, self.out_features
+        if self.layer in ("Linear", "MergedLinear"):
+            expected = (i, o) if self.fan_in_fan_out else (o, i)
+            if shape != expected:
+                out.append(f"weight_shape {list(shape)} does not match in/out features {i}/{o}")
+        elif self.layer == "Embedding":
+            if shape != (i, o):
+                out.append(f"weight_shape {list(shape)} is not (num_embeddings, embedding_dim)")
+        else:
+            dims = _CONV_DIMS[self.layer]
+            if len(shape) != dims + 2 or shape[0] != o or i % shape[1] != 0:
+                out.append(
+                    f"weight_shape {list(shape)} is not a {self.layer} kernel for "
+                    f"{i} -> {o} channels"
+                )
+        if self.fan_in_fan_out and self.layer not in ("Linear", "MergedLinear"):
+            out.append(f"fan_in_fan_out is only valid for Linear layers, not {self.layer}")
+        if self.layer == "MergedLinear":
+            if self.enable_lora is None or self.split_sizes is None:
+                out.append("MergedLinear needs enable_lora and split_sizes")
+            else:
+                try:
+                    _check_slices(o, self.enable_lora, self.split_sizes)
+                except (TypeError, ValueError) as exc:
+                    out.append(str(exc))
+                else:
+                    if not all(isinstance(e, bool) for e in self.enable_lora):
+                        out.append(f"enable_lora must be booleans, got {list(self.enable_lora)}")
+                    elif not any(self.enable_lora):
+                        out.append("enable_lora enables no slice")
+        elif self.enable_lora is not None or self.split_sizes is not None:
+            out.append(
+                f"enable_lora / split_sizes are only valid for MergedLinear, not {self.layer}"
+            )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object stored in the file's metadata for this layer."""
+        data: dict[str, Any] = {
+            "layer": self.layer,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "lora_dropout": self.lora_dropout,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "merge_weights": self.merge_weights,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "weight_shape": list(self.weight_shape),
+            "dtype": self.dtype,
+        }
+        if self.layer == "MergedLinear":
+            data["enable_lora"] = list(self.enable_lora or ())
+            data["split_sizes"] = list(self.split_sizes or ())
+            data["slice_ranks"] = list(self.slice_ranks)
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> LayerSpec:
+        """Parse and validate one layer's metadata object.
+
+        Raises:
+            AdapterError: Listing every problem with the object.
+        """
+        if not isinstance(data, dict):
+            raise AdapterError(f"expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} | {"slice_ranks"}
+        required = ("layer", "r", "lora_alpha", "in_features", "out_features", "weight_shape")
+        problems = [f"unknown field {k!r}" for k in data if k not in known]
+        problems += [f"missing field {k!r}" for k in required if k not in data]
+        if problems:
+            raise AdapterError(problems)
+        kwargs = {k: v for k, v in data.items() if k != "slice_ranks"}
+        for name in ("weight_shape", "enable_lora", "split_sizes"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
+        spec = cls(**kwargs)
+        problems = spec.problems()
+        ranks = data.get("slice_ranks")
+        if not problems and ranks is not None and list(ranks) != list(spec.slice_ranks):
+            problems.append(f"slice_ranks {ranks} disagree with r and enable_lora")
+        if problems:
+            raise AdapterError(problems)
+        return spec
+
+    def differences(self, other: LayerSpec, mine: str = "file", theirs: str = "model") -> list[str]:
+        """The config fields that differ from ``other`` (what makes loading inexact)."""
+        fields = ("layer", "r", "lora_alpha", "use_rslora", "fan_in_fan_out")
+        fields += ("enable_lora", "split_sizes", "weight_shape")
+        return [
+            f"{f}: {mine} {getattr(self, f)!r}, {theirs} {getattr(other, f)!r}"
+            for f in fields
+            if getattr(self, f) != getattr(other, f)
+        ]
+
+
+# --------------------------------------------------------------------------- adapter
+@dataclass
+class Adapter:
+    """An adapter in memory: tensors by key, and (unless it came from a bare state dict) specs.
+
+    Attributes:
+        tensors: ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.bias`` -> tensor, with
+            normalised module names.
+        modules: Module name -> :class:`LayerSpec`, or None for a state dict without metadata
+            (e.g. loralib's), which can only load into a model that already has LoRA layers.
+        biases: Names of modules whose ``bias`` is stored (``<module>.bias``).
+        base_weights: Names of modules whose base ``weight`` is stored (``<module>.weight``),
+            e.g. the embedding PEFT saves alongside an embedding adapter.
+        bias: The ``lora_state_dict`` bias mode the adapter was saved with.
+        problems: Problems found while reading (reported when loading).
+        invalid_modules: Modules whose metadata was invalid (their keys are not reported twice).
+        source: Where the adapter came from, for messages.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    modules: dict[str, LayerSpec] | None = None
+    biases: tuple[str, ...] = ()
+    base_weights: tuple[str, ...] = ()
+    bias: str = "none"
+    problems: list[str] = field(default_factory=list)
+    invalid_modules: set[str] = field(default_factory=set)
+    source: str = "<memory>"
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>"
+    ) -> Adapter:
+        """Wrap a bare adapter state dict (ours or ``loralib.lora_state_dict``'s), no metadata.
+
+        Keys are normalised; keys that collide after normalisation are reported on load.
+        """
+        tensors, problems = _normalized_tensors(state_dict)
+        biases = tuple(_split_key(k)[0] for k in tensors if _split_key(k)[1] == "bias")
+        return cls(tensors=tensors, modules=None, biases=biases, problems=problems, source=source)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata for this adapter."""
+        if self.modules is None:
+            raise AdapterError("this adapter has no layer metadata (a bare state dict)")
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "library": "lora_layers",
+            "bias": self.bias,
+            "modules": {name: spec.to_json() for name, spec in sorted(self.modules.items())},
+            "biases": sorted(self.biases),
+            "base_weights": sorted(self.base_weights),
+        }
+        return {"format": "pt", METADATA_KEY: json.dumps(doc, sort_keys=True)}
+
+
+def _normalized_tensors(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    problems = []
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            problems.append(f"entry {key!r} is not a (str, Tensor) pair")
+            continue
+        norm = normalize_key(key)
+        if norm in tensors:
+            problems.append(f"keys {origin[norm]!r} and {key!r} both normalise to {norm!r}")
+            continue
+        tensors[norm] = value
+        origin[norm] = key
+    return tensors, problems
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded ``DTensor`` (FSDP2); other tensors as they are.
+
+    Gathering is a collective: every rank must call :func:`save_lora` on a sharded model.
+    """
+    if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    return t
+
+
+def adapter_from_model(model: nn.Module, bias: str = "none") -> Adapter:
+    """Collect a model's adapter: every LoRA layer's spec and tensors (and biases per ``bias``).
+
+    Args:
+        model: A model holding lora_layers layers (compiled or DDP-wrapped is fine).
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``, as :func:`lora_state_dict`.
+
+    Returns:
+        An :class:`Adapter` whose tensors are the model's own (detached, not copied), or
+        full gathered copies for FSDP2-sharded (``DTensor``) parameters.
+
+    Raises:
+        ValueError: If ``bias`` is unknown, the model has no LoRA layer, or two module names
+            collide after prefix normalisation.
+    """
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={bias!r}")
+    modules: dict[str, LayerSpec] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for raw, layer in lora_modules(model):
+        name = _normalize_name(raw)
+        if name in modules:
+            raise AdapterError(f"two LoRA layers normalise to the module name {name!r}")
+        modules[name] = LayerSpec.from_layer(layer)
+        tensors[_key(name, "lora_A")] = _full_tensor(layer.lora_A.detach())
+        tensors[_key(name, "lora_B")] = _full_tensor(layer.lora_B.detach())
+    if not modules:
+        raise AdapterError("the model has no LoRA layer with r > 0; nothing to save")
+    biases = []
+    for key, value in lora_state_dict(model, bias=bias).items():
+        name, leaf = _split_key(key)
+        if leaf == "bias":
+            name = _normalize_name(name)
+            biases.append(name)
+            tensors[_key(name, "bias")] = _full_tensor(value.detach())
+    return Adapter(tensors=tensors, modules=modules, biases=tuple(biases), bias=bias)
+
+
+# --------------------------------------------------------------------------- writing
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``; on any failure ``path`` is untouched."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_not_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"refusing to write {str(path)!r}: {path.suffix} is a pickle suffix, and adapter "
+            "files are safetensors; use a .safetensors path"
+        )
+
+
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]):
+    cpu = {}
+    for key, t in tensors.items():
+        if t.device.type == "meta":
+            raise ValueError(f"{key} is on the meta device; materialise the model before saving")
+        cpu[key] = t.detach().to("cpu").contiguous()
+    # Looked up at call time so the writer can be replaced (e.g. by tests simulating a failure).
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(cpu, str(tmp), metadata=metadata))
+
+
+def save_lora(model: nn.Module | Adapter, path: str | os.PathLike, bias: str = "none") -> Path:
+    """Save a model's LoRA adapter (or an :class:`Adapter`) as one safetensors file.
+
+    The file holds only the adapter tensors (``<module>.lora_A``, ``<module>.lora_B`` and,
+    per ``bias``, ``<module>.bias``) and the JSON metadata describing every layer. Module
+    names are stored without ``_orig_mod.`` / ``module.`` / ``base_model.model.`` prefixes.
+    The write is atomic: a temporary file in the same directory, fsynced, then renamed over
+    ``path``, so a failure leaves any previous file intact.
+
+    Args:
+        model: A model with lora_layers layers, or an :class:`Adapter` (e.g. from
+            :func:`split_fused`).
+        path: Destination, normally ``*.safetensors``. Pickle suffixes are refused.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"`` (ignored for an :class:`Adapter`).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: For a pickle suffix, an unknown ``bias``, a model without LoRA layers or
+            tensors on the meta device.
+    """
+    path = Path(path)
+    _check_not_pickle(path)
+    adapter = model if isinstance(model, Adapter) else adapter_from_model(model, bias=bias)
+    if adapter.problems:
+        raise AdapterError(adapter.problems, context="cannot save an adapter with problems")
+    _save_tensors(adapter.tensors, path, adapter.metadata())
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    if not allow_pickle:
+        raise AdapterError(
+            f"refusing to read {str(path)!r}: {path.suffix} files are pickles, which can run "
+            "code when loaded. Convert it to safetensors, or pass allow_pickle=True if you trust "
+            "it (it is then read with torch.load(weights_only=True), never full unpickling)"
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise AdapterError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError / OSError subclasses
+        raise AdapterError(
+            f"cannot read {str(path)!r} as safetensors ({type(exc).__name__}: {exc}); the file "
+            "is truncated, corrupted or not a safetensors file"
+        ) from exc
+    return tensors, metadata
+
+
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    """Read an adapter file without loading it into anything.
+
+    Safetensors files with lora_layers metadata give an :class:`Adapter` with specs; a
+    safetensors file without it, or (with ``allow_pickle``) a ``.pt``/``.bin`` state dict,
+    gives a bare adapter that can only load into existing LoRA layers. Keys and module names
+    are normalised. Problems that do not stop reading (a spec with a bad field, keys colliding
+    after normalisation) are kept in ``Adapter.problems`` and reported by :func:`load_lora`.
+
+    Args:
+        path: The file.
+        allow_pickle: Allow ``.pt``/``.pth``/``.bin``/``.ckpt`` files, read with
+            ``torch.load(weights_only=True)``.
+
+    Returns:
+        The adapter.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        AdapterError: For a pickle file without ``allow_pickle``, an unreadable or truncated
+            file, unparsable metadata or a newer format version.
+    """
+    path = Path(path)
+    source = str(path)
+    if path.is_dir():
+        hint = " (a PEFT adapter: use import_peft)" if (path / PEFT_CONFIG_NAME).exists() else ""
+        raise AdapterError(f"{source} is a directory, not an adapter file{hint}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return Adapter.from_state_dict(_load_pickle(path, allow_pickle), source=source)
+    raw, metadata = _read_safetensors(path)
+    if METADATA_KEY not in metadata:
+        return Adapter.from_state_dict(raw, source=source)
+    try:
+        doc = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise AdapterError(
+            f"{source}: the {METADATA_KEY} metadata is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("modules"), dict):
+        raise AdapterError(f"{source}: the {METADATA_KEY} metadata has no 'modules' object")
+    version = doc.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise AdapterError(f"{source}: bad format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{source}: written in adapter format {version}, this lora_layers reads up to "
+            f"{FORMAT_VERSION}; upgrade lora_layers"
+        )
+    tensors, problems = _normalized_tensors(raw)
+    modules: dict[str, LayerSpec] = {}
+    invalid: set[str] = set()
+    for raw_name, data in doc["modules"].items():
+        name = _normalize_name(raw_name)
+        try:
+            spec = LayerSpec.from_json(data)
+        except AdapterError as exc:
+            problems += [f"{name}: invalid metadata: {p}" for p in exc.problems]
+            invalid.add(name)
+            continue
+        if name in modules:
+            problems.append(f"two metadata entries normalise to the module name {name!r}")
+            continue
+        modules[name] = spec
+    lists = {}
+    for field_name in ("biases", "base_weights"):
+        names = doc.get(field_name, [])
+        if not isinstance(names, list) or not all(isinstance(b, str) for b in names):
+            problems.append(
+                f"metadata {field_name!r} must be a list of module names, got {names!r}"
+            )
+            names = []
+        lists[field_name] = tuple(_normalize_name(b) for b in names)
+    bias_mode = doc.get("bias", "none")
+    if bias_mode not in BIAS_MODES:
+        problems.append(f"metadata 'bias' must be one of {BIAS_MODES}, got {bias_mode!r}")
+    return Adapter(
+        tensors=tensors,
+        modules=modules,
+        biases=lists["biases"],
+        base_weights=lists["base_weights"],
+        bias=bias_mode if bias_mode in BIAS_MODES else "none",
+        problems=problems,
+        invalid_modules=invalid,
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class LoadReport:
+    """What loading an adapter found and did.
+
+    Attributes:
+        source: The file or object loaded.
+        missing_keys: Keys the model or the file's metadata needs that the file lacks.
+        unexpected_keys: Keys in the file that nothing in the model or metadata accounts for.
+        shape_mismatches: Keys (or ``<module>.weight`` for base layers) with a wrong shape.
+        config_mismatches: Modules whose config (type, rank, alpha, slices, ...) differs.
+        errors: Problems not tied to one key (unreadable metadata, non-finite values, ...).
+        notes: Key or module -> the reasons it is listed.
+        loaded_keys: Keys that were loaded.
+        injected_modules: Modules that were turned into LoRA layers from the metadata.
+    """
+
+    source: str = "<memory>"
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    shape_mismatches: list[str] = field(default_factory=list)
+    config_mismatches: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    loaded_keys: list[str] = field(default_factory=list)
+    injected_modules: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not (
+            self.missing_keys
+            or self.unexpected_keys
+            or self.shape_mismatches
+            or self.config_mismatches
+            or self.errors
+        )
+
+    def _add(self, kind: str, key: str, why: str) -> None:
+        items = getattr(self, kind)
+        if key not in items:
+            items.append(key)
+        self.notes.setdefault(key, [])
+        if why not in self.notes[key]:
+            self.notes[key].append(why)
+
+    def format(self) -> str:
+        """A readable multi-line account of every problem."""
+        lines = []
+        for title, kind in (
+            ("missing keys", "missing_keys"),
+            ("unexpected keys", "unexpected_keys"),
+            ("shape mismatches", "shape_mismatches"),
+            ("config mismatches", "config_mismatches"),
+        ):
+            items = getattr(self, kind)
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines += [f"  {k}: {'; '.join(self.notes.get(k, []))}" for k in items]
+        if self.errors:
+            lines.append(f"other errors ({len(self.errors)}):")
+            lines += [f"  {e}" for e in self.errors]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format() if not self.ok else f"loaded {len(self.loaded_keys)} keys"
+
+
+class AdapterLoadError(AdapterError):
+    """Loading found problems; nothing in the model was changed.
+
+    Attributes:
+        report: The :class:`LoadReport` listing every problem.
+    """
+
+    def __init__(self, report: LoadReport) -> None:
+        self.report = report
+        self.problems = report.format().splitlines()
+        n = (
+            len(report.missing_keys)
+            + len(report.unexpected_keys)
+            + len(report.shape_mismatches)
+            + len(report.config_mismatches)
+            + len(report.errors)
+        )
+        ValueError.__init__(
+            self,
+            f"cannot load adapter {report.source}: {n} problem(s); the model was not changed.\n"
+            + report.format()
+            + "\nFix the file or the model, or pass strict=False to load only the parts "
+            "without problems (the report is returned).",
+        )
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class _ModulePlan:
+    name: str  # normalised
+    raw_name: str  # in the model
+    module: nn.Module  # the LoRA layer, or the plain layer to wrap
+    spec: LayerSpec | None  # the file's spec (None for bare state dicts)
+    inject: bool
+
+
+def _check_tensor(report: LoadReport, key: str, t: torch.Tensor) -> bool:
+    if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        report.errors.append(f"{key}: holds {bad} NaN/Inf values")
+        return False
+    return True
+
+
+def _peft_hint(key: str) -> str:
+    name, leaf = _split_key(key)
+    if leaf == "weight" and _split_key(name)[1] in _LORA_LEAVES or "lora_embedding_" in leaf:
+        return "looks like a PEFT key; load PEFT adapters with import_peft"
+    return ""
+
+
+def _plan_module(
+    report: LoadReport,
+    adapter: Adapter,
+    index: dict[str, tuple[str, nn.Module]],
+    name: str,
+    spec: LayerSpec | None,
+    inject: bool,
+    claimed: set[str],
+) -> _ModulePlan | None:
+    """Check one adapter module against the file and the model; return a plan when loadable."""
+    ok = True
+    keys = [_key(name, leaf) for leaf in _LORA_LEAVES]
+    shapes = spec.lora_shapes() if spec is not None else (None, None)
+    for key, shape in zip(keys, shapes, strict=True):
+        if key not in adapter.tensors:
+            report._add("missing_keys", key, "described in the file's metadata but not stored")
+            ok = False
+            continue
+        claimed.add(key)
+        t = adapter.tensors[key]
+        if shape is not None and _shape(t) != shape:
+            report._add(
+                "shape_mismatches",
+                key,
+                f"file {_shape(t)}, metadata (r={spec.r}) implies {shape}",
+            )
+            ok = False
+        if spec is not None and _dtype_name(t.dtype) != spec.dtype:
+            report._add(
+                "config_mismatches", key, f"tensor dtype {t.dtype}, metadata says {spec.dtype}"
+            )
+            ok = False
+        ok = _check_tensor(report, key, t) and ok
+    present = [k for k in keys if k in adapter.tensors]
+    entry = index.get(name)
+    if entry is None:
+        for key in present:
+            report._add("unexpected_keys", key, f"the model has no module named {name!r}")
+        return None
+    raw_name, module = entry
+    if isinstance(module, LoRALayer):
+        if module.r == 0:
+            report._add(
+                "config_mismatches",
+                name,
+                f"the model's {type(module).__name__} has r=0 (no LoRA parameters)",
+            )
+            return None
+        model_spec = LayerSpec.from_layer(module)
+        if spec is not None:
+            for diff in spec.differences(model_spec):
+                report._add("config_mismatches", name, diff)
+                ok = False
+        for key, param in zip(keys, (module.lora_A, module.lora_B), strict=True):
+            t = adapter.tensors.get(key)
+            if t is not None and _shape(t) != _shape(param) and key not in report.shape_mismatches:
+                report._add("shape_mismatches", key, f"file {_shape(t)}, model {_shape(param)}")
+                ok = False
+        return _ModulePlan(name, raw_name, module, spec, inject=False) if ok else None
+    # A plain module: wrap it from the metadata.
+    kind = type(module).__name__
+    if spec is None:
+        for key in present:
+            report._add(
+                "unexpected_keys",
+                key,
+                f"{name!r} is a plain {kind}; a state dict without lora_layers metadata only "
+                "loads into existing LoRA layers (inject them first, or use a save_lora file)",
+            )
+        return None
+    base_cls = _LAYERS[spec.layer][1]
+    if not inject:
+        report._add(
+            "config_mismatches", name, f"is a plain {kind} and inject=False; the file has LoRA"
+        )
+        return None
+    if not isinstance(module, base_cls):
+        report._add(
+            "config_mismatches",
+            name,
+            f"the file has a {spec.layer} adapter but the model's module is a {kind}",
+        )
+        return None
+    if not raw_name:
+        report._add("config_mismatches", name, "cannot replace the root module itself")
+        return None
+    if spec.fan_in_fan_out:
+        report._add(
+            "config_mismatches",
+            name,
+            "fan_in_fan_out=True adapters cannot be injected into a plain nn.Linear",
+        )
+        return None
+    if _shape(module.weight) != spec.weight_shape:
+        report._add(
+            "shape_mismatches",
+            _key(name, "weight"),
+            f"model base weight {_shape(module.weight)}, the adapter was made for "
+            f"{spec.weight_shape} (a file from another model?)",
+        )
+        return None
+    return _ModulePlan(name, raw_name, module, spec, inject=True) if ok else None
+
+
+def _validate(
+    model: nn.Module, adapter: Adapter, inject: bool
+) -> tuple[LoadReport, list[_ModulePlan], list[tuple[str, nn.Parameter, torch.Tensor, nn.Module]]]:
+    report = LoadReport(source=adapter.source)
+    report.errors += adapter.problems
+    index, collisions = _module_index(model)
+    report.errors += collisions
+    claimed: set[str] = set()
+    plans: list[_ModulePlan] = []
+    if adapter.modules is not None:
+        names: dict[str, LayerSpec | None] = dict(adapter.modules)
+    else:
+        names = {}
+        for key in adapter.tensors:
+            name, leaf = _split_key(key)
+            if leaf in _LORA_LEAVES:
+                names.setdefault(name, None)
+    for name, spec in names.items():
+        plan = _plan_module(report, adapter, index, name, spec, inject, claimed)
+        if plan is not None:
+            plans.append(plan)
+    for name in adapter.invalid_modules:
+        claimed.update(_key(name, leaf) for leaf in _LORA_LEAVES)
+    # LoRA layers of the model the file says nothing about.
+    for norm, (_, module) in index.items():
+        if isinstance(module, LoRALayer) and module.r > 0 and norm not in names:
+            if norm in adapter.invalid_modules:
+                continue
+            for leaf in _LORA_LEAVES:
+                report._add(
+                    "missing_keys",
+                    _key(norm, leaf),
+                    "the model has a LoRA layer here but the file has no adapter for it",
+                )
+    params: list[tuple[str, nn.Parameter, torch.Tensor, nn.Module]] = []
+    for leaf, names in (("bias", adapter.biases), ("weight", adapter.base_weights)):
+        for name in names:
+            key = _key(name, leaf)
+            if key not in adapter.tensors:
+                report._add("missing_keys", key, "listed in the file's metadata but not stored")
+                continue
+            claimed.add(key)
+            t = adapter.tensors[key]
+            entry = index.get(name)
+            param = entry[1]._parameters.get(leaf) if entry is not None else None
+            if param is None:
+                report._add("unexpected_keys", key, f"the model has no parameter {key!r}")
+            elif _shape(t) != _shape(param):
+                report._add("shape_mismatches", key, f"file {_shape(t)}, model {_shape(param)}")
+            elif _check_tensor(report, key, t):
+                params.append((key, param, t, entry[1]))
+    for key in adapter.tensors:
+        if key not in claimed:
+            why = (
+                "not described by the file's metadata"
+                if adapter.modules is not None
+                else "the model has no LoRA parameter or bias with this name"
+            )
+            hint = _peft_hint(key)
+            report._add("unexpected_keys", key, f"{why}; {hint}" if hint else why)
+    return report, plans, params
+
+
+def _wrap(module: nn.Module, spec: LayerSpec) -> LoRALayer:
+    cls = _LAYERS[spec.layer][0]
+    kwargs: dict[str, Any] = {
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "merge_weights": spec.merge_weights,
+        "use_rslora": spec.use_rslora,
+        "lora_dtype": _dtype_from_name(spec.dtype),
+    }
+    if spec.layer != "Embedding":
+        kwargs["lora_dropout"] = spec.lora_dropout
+    if spec.layer == "MergedLinear":
+        kwargs["enable_lora"] = spec.enable_lora
+        kwargs["split_sizes"] = spec.split_sizes
+    return cls.from_module(module, **kwargs)
+
+
+def _apply(
+    model: nn.Module,
+    report: LoadReport,
+    adapter: Adapter,
+    plans: list[_ModulePlan],
+    params: list[tuple[str, nn.Parameter, torch.Tensor, nn.Module]],
+) -> None:
+    # Build every new layer first, then swap and copy.
+    layers = [_wrap(p.module, p.spec) if p.inject else p.module for p in plans]
+    with torch.no_grad():
+        for plan, layer in zip(plans, layers, strict=True):
+            if plan.inject:
+                replace_module(model, plan.raw_name, layer)
+                report.injected_modules.append(plan.name)
+            for leaf in _LORA_LEAVES:
+                key = _key(plan.name, leaf)
+                getattr(layer, leaf).copy_(adapter.tensors[key])
+                report.loaded_keys.append(key)
+        for key, param, t, _ in params:
+            param.copy_(t)
+            report.loaded_keys.append(key)
+        for plan, layer in zip(plans, layers, strict=True):
+            # A merged layer holds the old update; an injected eval-mode layer merges as eval() would.
+            if layer.merged or (plan.inject and not layer.training and layer.merge_weights):
+                layer.merge()
+        for *_, module in params:
+            if isinstance(module, LoRALayer) and module.merged:
+                module.merge()
+
+
+def load_lora(
+    model: nn.Module,
+    source: str | os.PathLike | Adapter | Mapping[str, torch.Tensor],
+    strict: bool = True,
+    inject: bool = True,
+    allow_pickle: bool = False,
+) -> LoadReport:
+    """Load an adapter into ``model``, validating everything before changing anything.
+
+    ``model`` may already hold LoRA layers (their config must match the file's metadata), or
+    be a plain base model: each module the metadata describes is then wrapped with the layer
+    it names (``from_module``, sharing the base Parameters) and loaded. Merged layers are
+    re-merged, and injected layers in eval mode are merged as ``eval()`` would, so outputs
+    match the saved model's exactly.
+
+    Args:
+        model: The model to load into (a compiled or DDP-wrapped model is fine).
+        source: A path (``.safetensors``; ``.pt``/``.bin`` only with ``allow_pickle``), an
+            :class:`Adapter`, or a bare state dict (e.g. ``loralib.lora_state_dict``).
+        strict: Raise on any problem (default). With False, load only the modules without
+            problems, warn, and return the report.
+        inject: Wrap plain modules the metadata describes (default True).
+        allow_pickle: Allow pickle files, read with ``torch.load(weights_only=True)``.
+
+    Returns:
+        A :class:`LoadReport` (``report.ok`` is False only in non-strict mode).
+
+    Raises:
+        AdapterLoadError: In strict mode, one error listing every missing key, unexpected
+            key, shape mismatch, config mismatch and other problem. The model is unchanged.
+        AdapterError: For a pickle file without ``allow_pickle`` (also in non-strict mode).
+        FileNotFoundError: If the file does not exist.
+    """
+    if isinstance(source, Adapter):
+        adapter = source
+    elif isinstance(source, Mapping):
+        adapter = Adapter.from_state_dict(source)
+    else:
+        path = Path(source)
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            _load_pickle(path, allow_pickle=False)  # raises the refusal
+        try:
+            adapter = read_adapter(path, allow_pickle=allow_pickle)
+        except AdapterError as exc:
+            report = LoadReport(source=str(path), errors=list(exc.problems))
+            if strict:
+                raise AdapterLoadError(report) from exc
+            warnings.warn(f"adapter {path} not loaded:\n{report.format()}", stacklevel=2)
+            return report
+    report, plans, params = _validate(model, adapter, inject)
+    if not report.ok:
+        if strict:
+            raise AdapterLoadError(report)
+        warnings.warn(
+            f"loading adapter {report.source} partially (strict=False):\n{report.format()}",
+            stacklevel=2,
+        )
+    _apply(model, report, adapter, plans, params)
+    return report
+
+
+def load_lora_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+) -> LoadReport:
+    """Load a bare adapter state dict, e.g. ``loralib.lora_state_dict(model)``.
+
+    The model must already have its LoRA layers (a state dict has no metadata to inject from).
+    Keys are normalised and checked as :func:`load_lora` checks files: every key must be a
+    LoRA parameter (or bias) of the model with the same shape, and every LoRA layer of the
+    model must be covered.
+
+    Args:
+        model: A model with lora_layers layers.
+        state_dict: ``<module>.lora_A`` / ``<module>.lora_B`` (/ ``<module>.bias``) tensors.
+        strict: As :func:`load_lora`.
+
+    Returns:
+        The :class:`LoadReport`.
+
+    Raises:
+        AdapterLoadError: In strict mode, listing every problem; the model is unchanged.
+    """
+    return load_lora(model, Adapter.from_state_dict(state_dict), strict=strict, inject=False)
+
+
+# --------------------------------------------------------------------------- PEFT
+def _peft_pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern matching ``name`` as a dotted suffix."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return pattern
+    return None
+
+
+def _peft_exact(name: str) -> str:
+    """A readable PEFT pattern for ``name``: dots stay unescaped, other specials are escaped.
+
+    ``export_peft`` checks every module resolves to its own entry and otherwise falls back to
+    fully escaped patterns.
+    """
+    return re.escape(name) if re.search(r"[^A-Za-z0-9_.]", name) else name
+
+
+def _peft_resolves(pattern: Mapping[str, Any], values: Mapping[str, Any], default: Any) -> bool:
+    return all(pattern.get(_peft_pattern_key(pattern, n), default) == v for n, v in values.items())
+
+
+def _peft_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    """The most readable ``rank_pattern`` / ``alpha_pattern`` giving every module its value.
+
+    Tries leaf names (``{"o_proj": 4}``) where all modules with that leaf agree, then full
+    module names, then every module escaped and longest first; each attempt is checked with
+    PEFT's own matching rule, so the result is exact.
+    """
+    by_leaf: dict[str, set] = {}
+    for name, value in values.items():
+        by_leaf.setdefault(_split_key(name)[1], set()).add(value)
+    full = {_peft_exact(n): v for n, v in values.items() if v != default}
+    mixed = {
+        _peft_exact(n): v
+        for n, v in values.items()
+        if len(by_leaf[_split_key(n)[1]]) > 1 and v != default
+    }
+    leaves = {
+        leaf: next(iter(vs))
+        for leaf, vs in sorted(by_leaf.items())
+        if len(vs) == 1 and next(iter(vs)) != default
+    }
+    for attempt in ({**mixed, **leaves}, full):
+        if _peft_resolves(attempt, values, default):
+            return attempt
+    order = sorted(values, key=len, reverse=True)
+    return {re.escape(n): values[n] for n in order}
+
+
+def export_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    bias: str = "none",
+) -> dict[str, Any]:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT loads exactly.
+
+    Every LoRA layer becomes one PEFT LoRA with the same update. A ``MergedLinear`` with
+    ``n`` enabled slices of rank ``r`` becomes one rank ``n*r`` LoRA on the whole fused matrix
+    (``lora_A`` is already the stack of the slices' A; ``lora_B`` places each slice's B in its
+    rows and its own ``r`` columns, zeros elsewhere) with alpha ``alpha*n`` (``alpha*sqrt(n)``
+    with rsLoRA), so the scaling is unchanged. Ranks and alphas that differ from the most
+    common ones go into ``rank_pattern`` / ``alpha_pattern``. PEFT has one ``lora_dropout``
+    for all layers: the most common one is written, with a warning when they differ (dropout
+    only affects training).
+
+    Args:
+        model: A model with lora_layers layers.
+        directory: Output directory (created if needed).
+        base_model_name_or_path: Stored in the config, for PEFT's ``from_pretrained`` niceties.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``: which biases to write, as
+            :func:`lora_state_dict` and PEFT's ``bias`` option (PEFT loads them too).
+
+    Returns:
+        The config dict written to ``adapter_config.json``.
+
+    Raises:
+        AdapterError: For layers PEFT cannot represent exactly (convolutions with groups,
+            dilation or non-zero padding modes) or a model without LoRA layers.
+    """
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={bias!r}")
+    entries = []  # (name, layer, PEFT rank, number of fused slices, {key: tensor})
+    problems = []
+    index, _ = _module_index(model)
+    for raw, layer in lora_modules(model):
+        name = _normalize_name(raw)
+        kind = _layer_type(layer)
+        a, b = _full_tensor(layer.lora_A.detach()), _full_tensor(layer.lora_B.detach())
+        n_slices = 1
+        if kind == "MergedLinear":
+            slices = layer._slices
+            n_slices = len(slices)
+            r = layer.r
+            b_full = b.new_zeros(layer.out_features, r * n_slices)
+            row = 0
+            for i, (start, stop) in enumerate(slices):
+                b_full[start:stop, i * r : (i + 1) * r] = b[row : row + stop - start]
+                row += stop - start
+            b = b_full
+        elif kind in _CONV_DIMS:
+            if layer.groups != 1 or any(d != 1 for d in layer.dilation):
+                problems.append(
+                    f"{name}: PEFT's conv LoRA has no groups/dilation; "
+                    f"groups={layer.groups}, dilation={layer.dilation} cannot be exported exactly"
+                )
+            if layer.padding_mode != "zeros":
+                problems.append(f"{name}: padding_mode={layer.padding_mode!r} (PEFT uses zeros)")
+            a = a.reshape(layer.r, *layer.weight.shape[1:])
+            b = b.reshape(layer.out_channels, layer.r, *([1] * _CONV_DIMS[kind]))
+        prefix = f"base_model.model.{name}"
+        if kind == "Embedding":
+            tensors = {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
+        else:
+            tensors = {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
+        rank = layer.r * n_slices
+        entries.append((name, layer, rank, n_slices, tensors))
+    if not entries:
+        raise AdapterError("the model has no LoRA layer with r > 0; nothing to export")
+    if problems:
+        raise AdapterError(problems, context="cannot export to PEFT")
+
+    use_rslora = all(layer.use_rslora for _, layer, *_ in entries)
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, layer, rank, n_slices, _ in entries:
+        ranks[name] = rank
+        if layer.use_rslora == use_rslora:
+            # alpha/r == (alpha*n)/(r*n) and alpha/sqrt(r) == (alpha*sqrt(n))/sqrt(r*n)
+            factor = (math.sqrt(n_slices) if use_rslora else n_slices) if n_slices > 1 else 1
+            alphas[name] = layer.lora_alpha * factor
+        else:  # mixed scaling modes: express this layer's scaling under the global mode
+            alphas[name] = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
+    r_default = Counter(ranks.values()).most_common(1)[0][0]
+    alpha_default = Counter(alphas.values()).most_common(1)[0][0]
+    rank_pattern = _peft_patterns(ranks, r_default)
+    alpha_pattern = _peft_patterns(alphas, alpha_default)
+
+    # target_modules: readable leaf names when they select exactly our modules, else a regex.
+    targets = set(ranks)
+    lora_children = {n for n in index for t in targets if n.startswith(t + ".") or (not t and n)}
+    candidates = [n for n in index if n and n not in lora_children]
+    leaves = sorted({_split_key(n)[1] for n in targets})
+    selected = {n for n in candidates if any(n == lf or n.endswith("." + lf) for lf in leaves)}
+    target_modules: list[str] | str
+    if selected == targets:
+        target_modules = leaves
+    else:
+        target_modules = "|".join(re.escape(n) for n in sorted(targets))
+
+    dropouts = Counter(layer.dropout_p for _, layer, *_ in entries)
+    if len(dropouts) > 1:
+        warnings.warn(
+            f"PEFT has one lora_dropout; the layers use {sorted(dropouts)} and "
+            f"{dropouts.most_common(1)[0][0]} is written (inference is unaffected)",
+            stacklevel=2,
+        )
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r_default,
+        "lora_alpha": alpha_default,
+        "lora_dropout": dropouts.most_common(1)[0][0],
+        "target_modules": target_modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": use_rslora,
+        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer, *_ in entries),
+        "bias": bias,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "revision": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v for *_, t in entries for k, v in t.items()}
+    for key, value in lora_state_dict(model, bias=bias).items():
+        name, leaf = _split_key(key)
+        if leaf == "bias":  # PEFT wraps LoRA layers: their bias is ``base_layer.bias``
+            name = _normalize_name(name)
+            where = f"{name}.base_layer" if name in targets else name
+            tensors[f"base_model.model.{where}.bias"] = value.detach()
+    _save_tensors(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    return config
+
+
+_PEFT_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "layer_replication",
+    "use_bdlora",
+)
+
+
+def read_peft(
+    directory: str | os.PathLike, allow_pickle: bool = False, model: nn.Module | None = None
+) -> Adapter:
+    """Read a PEFT LoRA adapter directory into an :class:`Adapter` (no model changes).
+
+    Ranks come from the tensors and are checked against ``r`` / ``rank_pattern``; alphas come
+    from ``lora_alpha`` / ``alpha_pattern``; ``use_rslora`` and ``lora_dropout`` are global.
+    ``model``, if given, supplies ``fan_in_fan_out`` for layers that already have LoRA.
+
+    Raises:
+        AdapterError: For a non-LoRA or DoRA/variant adapter, a pickle weights file without
+            ``allow_pickle``, or an unreadable file.
+    """
+    directory = Path(directory)
+    config = json.loads((directory / PEFT_CONFIG_NAME).read_text())
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters import")
+    problems += [
+        f"{k}={config[k]!r} is a PEFT feature lora_layers does not implement"
+        for k in _PEFT_UNSUPPORTED
+        if config.get(k)
+    ]
+    if problems:
+        raise AdapterError(problems, context=f"cannot import {directory}")
+    if (directory / PEFT_WEIGHTS_NAME).exists():
+        raw, _ = _read_safetensors(directory / PEFT_WEIGHTS_NAME)
+    else:
+        raw = _load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    index = _module_index(model)[0] if model is not None else {}
+
+    tensors, problems = _normalized_tensors(raw)
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    biases, base_weights = [], []
+    suffixes = {
+        ".lora_A.weight": "A",
+        ".lora_B.weight": "B",
+        ".lora_embedding_A": "EA",
+        ".lora_embedding_B": "EB",
+    }
+    for key, t in tensors.items():
+        for suffix, slot in suffixes.items():
+            if key.endswith(suffix):
+                found.setdefault(key[: -len(suffix)], {})[slot] = t
+                break
+        else:
+            if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' weights
+                name = key.removesuffix(".base_layer.weight")
+                base_weights.append(name)
+                out[_key(name, "weight")] = t
+                continue
+            key = (
+                key.replace(".base_layer.bias", ".bias")
+                if key.endswith(".base_layer.bias")
+                else key
+            )
+            if _split_key(key)[1] == "bias":
+                biases.append(_split_key(key)[0])
+            out[key] = t  # biases load as-is; anything else is reported as unexpected
+    modules: dict[str, LayerSpec] = {}
+    for name, parts in found.items():
+        emb = "EA" in parts or "EB" in parts
+        a, b = (parts.get("EA"), parts.get("EB")) if emb else (parts.get("A"), parts.get("B"))
+        if a is None or b is None or (emb and ("A" in parts or "B" in parts)):
+            problems.append(f"{name}: expected one lora_A and one lora_B, got {sorted(parts)}")
+            for slot, t in parts.items():
+                out[f"{name}.{slot}"] = t
+            continue
+        r = int(a.shape[0])
+        expected_r = rank_pattern.get(_peft_pattern_key(rank_pattern, name), r_default)
+        alpha = alpha_pattern.get(_peft_pattern_key(alpha_pattern, name), alpha_default)
+        if r != expected_r:
+            problems.append(f"{name}: lora_A has rank {r} but the config says r={expected_r}")
+        fif = False
+        if emb:
+            kind, in_f, out_f = "Embedding", int(a.shape[1]), int(b.shape[0])
+            weight_shape: tuple[int, ...] = (in_f, out_f)
+        elif a.dim() == 2:
+            kind, in_f, out_f = "Linear", int(a.shape[1]), int(b.shape[0])
+            existing = index.get(name, ("", None))[1]
+            if isinstance(existing, Linear):
+                fif = existing.fan_in_fan_out
+            elif existing is not None and not isinstance(existing, nn.Linear):
+                fif = fan_in_fan_out  # PEFT applies it to transformers' Conv1D
+            weight_shape = (in_f, out_f) if fif else (out_f, in_f)
+        elif a.dim() in (3, 4, 5):
+            kind, in_f, out_f = f"Conv{a.dim() - 2}d", int(a.shape[1]), int(b.shape[0])
+            weight_shape = (out_f, *(int(s) for s in a.shape[1:]))
+            if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]) or b.shape[1] != r:
+                problems.append(f"{name}: lora_B {_shape(b)} is not a 1x1 conv of rank {r}")
+                continue
+            a, b = a.reshape(r, -1), b.reshape(out_f, r)
+        else:
+            problems.append(f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has")
+            continue
+        modules[name] = LayerSpec(
+            layer=kind,
+            r=r,
+            lora_alpha=alpha,
+            in_features=in_f,
+            out_features=out_f,
+            weight_shape=weight_shape,
+            dtype=_dtype_name(a.dtype),
+            use_rslora=use_rslora,
+            lora_dropout=0.0 if emb else dropout,
+            fan_in_fan_out=fif,
+            merge_weights=False,  # as inject_lora: eval() does not merge; use merge_lora()
+        )
+        out[_key(name, "lora_A")] = a
+        out[_key(name, "lora_B")] = b
+    return Adapter(
+        tensors=out,
+        modules=modules,
+        biases=tuple(biases),
+        base_weights=tuple(base_weights),
+        problems=problems,
+        source=str(directory),
+    )
+
+
+def import_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    strict: bool = True,
+    inject: bool = True,
+    allow_pickle: bool = False,
+) -> LoadReport:
+    """Load a LoRA adapter saved by PEFT (``save_pretrained``) into ``model``.
+
+    Each ``<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
+    embeddings) pair becomes a lora_layers layer with the rank of its tensors and the alpha
+    from ``lora_alpha`` / ``alpha_pattern``, then loads through :func:`load_lora` with the same
+    validation (plain modules are injected; existing LoRA layers must match).
+
+    Args:
+        model: The base model (plain, or with matching lora_layers layers).
+        directory: A PEFT adapter directory (``adapter_config.json`` + weights).
+        strict: As :func:`load_lora`.
+        inject: As :func:`load_lora`.
+        allow_pickle: Allow ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+
+    Returns:
+        The :class:`LoadReport`.
+
+    Raises:
+        AdapterError: For adapters using PEFT features lora_layers does not implement.
+        AdapterLoadError: In strict mode, for any validation problem; the model is unchanged.
+    """
+    adapter = read_peft(directory, allow_pickle=allow_pickle, model=model)
+    return load_lora(model, adapter, strict=strict, inject=inject)
+
+
+# --------------------------------------------------------------------------- fused <-> separate
+def phi3_split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Output slice sizes of Phi-3's fused projections, from a ``Phi3Config``.
+
+    Returns:
+        ``{"qkv_proj": (q, k, v), "gate_up_proj": (intermediate, intermediate)}`` where
+        ``q = num_attention_heads * head_dim`` and ``k = v = num_key_value_heads * head_dim``.
+    """
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    inter = config.intermediate_size
+    return {
+        "qkv_proj": (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
+        "gate_up_proj": (inter, inter),
+    }
+
+
+def _lookup_sizes(
+    split_sizes: Mapping[str, Sequence[int]] | None, name: str, leaf: str
+) -> tuple[int, ...] | None:
+    if split_sizes is None:
+        return None
+    sizes = split_sizes.get(name, split_sizes.get(leaf))
+    return None if sizes is None else tuple(int(s) for s in sizes)
+
+
+def _check_convertible(adapter: Adapter, what: str) -> None:
+    if adapter.modules is None:
+        raise AdapterError(
+            f"{what} needs an adapter with lora_layers metadata, not a bare state dict"
+        )
+    if adapter.problems:
+        raise AdapterError(adapter.problems, context=f"cannot {what} an adapter with problems")
+
+
+def _carry_base_weights(adapter: Adapter, converted: set[str], tensors: dict) -> tuple[str, ...]:
+    """Copy stored base weights of modules left as they are; refuse those being converted."""
+    bad = sorted(set(adapter.base_weights) & converted)
+    if bad:
+        raise AdapterError(f"{bad} carry a stored base weight; convert them by hand")
+    for name in adapter.base_weights:
+        tensors[_key(name, "weight")] = adapter.tensors[_key(name, "weight")].clone()
+    return adapter.base_weights
+
+
+def split_fused(
+    adapter: Adapter,
+    fused: Mapping[str, Sequence[str]] = PHI3_FUSED,
+    split_sizes: Mapping[str, Sequence[int]] | None = None,
+) -> Adapter:
+    """Turn adapters on fused projections into adapters on the separate projections.
+
+    ``<parent>.qkv_proj`` becomes ``<parent>.q_proj`` / ``k_proj`` / ``v_proj`` (and
+    ``gate_up_proj`` becomes ``gate_proj`` / ``up_proj``), each a ``Linear`` adapter with the
+    same rank, alpha and scaling, so every projection's output is unchanged:
+
+    - a ``MergedLinear`` slice ``i`` gives its enabled part ``A_i`` and ``B_i`` (disabled
+      slices get no adapter);
+    - a ``Linear`` adapter on the whole fused matrix gives every part the shared ``A`` and
+      its own rows of ``B`` (needs ``split_sizes``).
+
+    Stored biases of split modules are split too. Other modules are copied unchanged.
+
+    Args:
+        adapter: An adapter with metadata (:func:`read_adapter`, :func:`adapter_from_model`).
+        fused: Fused module leaf name -> part leaf names in output order (default: Phi-3's).
+        split_sizes: Output sizes per fused module, keyed by full name or leaf name, e.g.
+            :func:`phi3_split_sizes` ``(model.config)``; needed for whole-matrix ``Linear``
+            adapters (``MergedLinear`` carries its own).
+
+    Returns:
+        A new :class:`Adapter` (tensors are copies).
+
+    Raises:
+        AdapterError: Listing every module that cannot be split.
+    """
+    _check_convertible(adapter, "split")
+    assert adapter.modules is not None
+    modules: dict[str, LayerSpec] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    split_done: dict[str, tuple[str, tuple[int, ...], tuple[str, ...]]] = {}
+    problems = []
+    for name, spec in adapter.modules.items():
+        parent, leaf = _split_key(name)
+        a, b = (adapter.tensors[_key(name, x)] for x in _LORA_LEAVES)
+        if leaf not in fused:
+            modules[name] = spec
+            tensors[_key(name, "lora_A")], tensors[_key(name, "lora_B")] = a.clone(), b.clone()
+            continue
+        parts = tuple(fused[leaf])
+        given = _lookup_sizes(split_sizes, name, leaf)
+        if spec.layer == "MergedLinear":
+            sizes, enable = spec.split_sizes, spec.enable_lora
+            if given is not None and given != sizes:
+                problems.append(f"{name}: split_sizes {given} differ from the adapter's {sizes}")
+                continue
+        elif spec.layer == "Linear":
+            sizes, enable = given, (True,) * len(parts)
+            if sizes is None:
+                problems.append(
+                    f"{name}: a whole-matrix Linear adapter needs split_sizes "
+                    f"(e.g. phi3_split_sizes(model.config)) to split into {parts}"
+                )
+                continue
+        else:
+            problems.append(f"{name}: a {spec.layer} adapter cannot be split")
+            continue
+        assert sizes is not None and enable is not None
+        if len(sizes) != len(parts) or sum(sizes) != spec.out_features:
+            problems.append(
+                f"{name}: sizes {sizes} do not split {spec.out_features} outputs into {parts}"
+            )
+            continue
+        clash = [_key(parent, p) for p in parts if _key(parent, p) in adapter.modules]
+        if clash:
+            problems.append(f"{name}: the adapter already has {clash}")
+            continue
+        a_row = b_row = 0
+        for part, size, on in zip(parts, sizes, enable, strict=True):
+            if not on:
+                continue
+            pname = _key(parent, part)
+            if spec.layer == "MergedLinear":
+                a_i = a[a_row : a_row + spec.r]
+                a_row += spec.r
+            else:
+                a_i = a
+            tensors[_key(pname, "lora_A")] = a_i.clone()
+            tensors[_key(pname, "lora_B")] = b[b_row : b_row + size].clone()
+            b_row += size
+            shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
+            modules[pname] = dataclasses.replace(
+                spec,
+                layer="Linear",
+                out_features=size,
+                weight_shape=shape,
+                enable_lora=None,
+                split_sizes=None,
+            )
+        split_done[name] = (parent, sizes, parts)
+    if problems:
+        raise AdapterError(problems, context="cannot split the fused adapters")
+    biases = []
+    for name in adapter.biases:
+        bias = adapter.tensors[_key(name, "bias")]
+        if name in split_done:
+            parent, sizes, parts = split_done[name]
+            for part, piece in zip(parts, bias.split(list(sizes)), strict=True):
+                biases.append(_key(parent, part))
+                tensors[_key(_key(parent, part), "bias")] = piece.clone()
+        else:
+            biases.append(name)
+            tensors[_key(name, "bias")] = bias.clone()
+    return Adapter(
+        tensors=tensors,
+        modules=modules,
+        biases=tuple(biases),
+        base_weights=_carry_base_weights(adapter, set(split_done), tensors),
+        bias=adapter.bias,
+        source=f"split_fused({adapter.source})",
+    )
+
+
+def fuse_separate(
+    adapter: Adapter,
+    fused: Mapping[str, Sequence[str]] = PHI3_FUSED,
+    split_sizes: Mapping[str, Sequence[int]] | None = None,
+) -> Adapter:
+    """Turn adapters on separate projections into per-slice adapters on the fused projection.
+
+    The ``Linear`` adapters present among ``<parent>.q_proj`` / ``k_proj`` / ``v_proj`` (or
+    ``gate_proj`` / ``up_proj``) become one ``MergedLinear`` adapter on ``<parent>.qkv_proj``
+    (``gate_up_proj``) with those slices enabled: ``lora_A`` stacks their A, ``lora_B`` their
+    B, so every slice's output is unchanged. The parts must share rank, alpha, rsLoRA,
+    dropout, dtype and input size.
+
+    Args:
+        adapter: An adapter with metadata.
+        fused: Fused module leaf name -> part leaf names in output order (default: Phi-3's).
+        split_sizes: Output sizes per fused module (full or leaf name); needed when some part
+            has no adapter (e.g. q and v only), otherwise taken from the parts.
+
+    Returns:
+        A new :class:`Adapter` (tensors are copies).
+
+    Raises:
+        AdapterError: Listing every group that cannot be fused.
+    """
+    _check_convertible(adapter, "fuse")
+    assert adapter.modules is not None
+    owner = {part: (fl, i) for fl, parts in fused.items() for i, part in enumerate(parts)}
+    groups: dict[str, dict[int, str]] = {}
+    for name in adapter.modules:
+        parent, leaf = _split_key(name)
+        if leaf in owner:
+            fl, i = owner[leaf]
+            groups.setdefault(_key(parent, fl), {})[i] = name
+    grouped = {n for members in groups.values() for n in members.values()}
+    modules = {n: s for n, s in adapter.modules.items() if n not in grouped}
+    tensors = {
+        _key(n, x): adapter.tensors[_key(n, x)].clone() for n in modules for x in _LORA_LEAVES
+    }
+    problems = []
+    shared = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
+    shared += ("merge_weights", "in_features", "dtype")
+    fused_bias: dict[str, list[str]] = {}
+    for fname, members in groups.items():
+        fl = _split_key(fname)[1]
+        parts = tuple(fused[fl])
+        specs = {i: adapter.modules[n] for i, n in members.items()}
+        first = specs[min(specs)]
+        bad = [f"{members[i]} is a {s.layer}" for i, s in specs.items() if s.layer != "Linear"]
+        bad += [
+            f"{members[i]} has {f}={getattr(s, f)!r}, {members[min(specs)]} has {getattr(first, f)!r}"
+            for i, s in specs.items()
+            for f in shared
+            if getattr(s, f) != getattr(first, f)
+        ]
+        sizes = _lookup_sizes(split_sizes, fname, fl)
+        if sizes is None and len(specs) == len(parts):
+            sizes = tuple(specs[i].out_features for i in range(len(parts)))
+        if sizes is None:
+            bad.append(f"pass split_sizes for {fl!r}: not every part of {parts} has an adapter")
+        elif len(sizes) != len(parts):
+            bad.append(f"split_sizes {sizes} do not match the parts {parts}")
+        else:
+            bad += [
+                f"{members[i]} has {s.out_features} outputs, split_sizes say {sizes[i]}"
+                for i, s in specs.items()
+                if s.out_features != sizes[i]
+            ]
+        if fname in adapter.modules:
+            bad.append(f"the adapter already has {fname}")
+        with_bias = [n for n in members.values() if n in adapter.biases]
+        if with_bias and len(with_bias) != len(parts):
+            bad.append(f"only {with_bias} of {parts} have a stored bias")
+        if bad:
+            problems += [f"{fname}: {p}" for p in bad]
+            continue
+        assert sizes is not None
+        order = sorted(members)
+        tensors[_key(fname, "lora_A")] = torch.cat(
+            [adapter.tensors[_key(members[i], "lora_A")] for i in order]
+        )
+        tensors[_key(fname, "lora_B")] = torch.cat(
+            [adapter.tensors[_key(members[i], "lora_B")] for i in order]
+        )
+        out_f = sum(sizes)
+        in_f = first.in_features
+        modules[fname] = dataclasses.replace(
+            first,
+            layer="MergedLinear",
+            out_features=out_f,
+            weight_shape=(in_f, out_f) if first.fan_in_fan_out else (out_f, in_f),
+            enable_lora=tuple(i in members for i in range(len(parts))),
+            split_sizes=sizes,
+        )
+        if with_bias:
+            fused_bias[fname] = [members[i] for i in range(len(parts))]
+    if problems:
+        raise AdapterError(problems, context="cannot fuse the separate adapters")
+    biases = []
+    for name in adapter.biases:
+        if name not in grouped:
+            biases.append(name)
+            tensors[_key(name, "bias")] = adapter.tensors[_key(name, "bias")].clone()
+    for fname, members in fused_bias.items():
+        biases.append(fname)
+        tensors[_key(fname, "bias")] = torch.cat(
+            [adapter.tensors[_key(n, "bias")] for n in members]
+        )
+    return Adapter(
+        tensors=tensors,
+        modules=modules,
+        biases=tuple(biases),
+        base_weights=_carry_base_weights(adapter, grouped, tensors),
+        bias=adapter.bias,
+        source=f"fuse_separate({adapter.source})",
+    )
