@@ -43,7 +43,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear, _check_slices
-from .surgery import replace_module
+from .surgery import qkv_split_sizes, replace_module
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = [
@@ -1525,14 +1525,8 @@ def phi3_split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
         ``{"qkv_proj": (q, k, v), "gate_up_proj": (intermediate, intermediate)}`` where
         ``q = num_attention_heads * head_dim`` and ``k = v = num_key_value_heads * head_dim``.
     """
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     inter = config.intermediate_size
-    return {
-        "qkv_proj": (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
-        "gate_up_proj": (inter, inter),
-    }
+    return {"qkv_proj": qkv_split_sizes(config), "gate_up_proj": (inter, inter)}
 
 
 def _lookup_sizes(

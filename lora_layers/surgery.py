@@ -60,6 +60,7 @@ __all__ = [
     "merge_and_unload",
     "merge_lora",
     "plan_lora",
+    "qkv_split_sizes",
     "replace_module",
     "resolve_fused",
     "unload",
@@ -172,22 +173,35 @@ def _config_value(config: Any, key: str) -> Any:
     return getattr(config, key, None)
 
 
+def qkv_split_sizes(config: Any) -> tuple[int, int, int]:
+    """q/k/v output sizes of a fused ``qkv_proj`` under (grouped-query) attention.
+
+    Args:
+        config: A config with ``num_attention_heads``, optional ``num_key_value_heads``
+            (default: the head count) and ``head_dim`` (default: ``hidden_size // heads``).
+
+    Returns:
+        ``(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)``.
+    """
+    heads = _config_value(config, "num_attention_heads")
+    kv_heads = _config_value(config, "num_key_value_heads") or heads
+    head_dim = _config_value(config, "head_dim") or _config_value(config, "hidden_size") // heads
+    return (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+
 def _qkv_layout(name: str, out_features: int, config: Any) -> tuple[int, ...]:
     """q/k/v sizes of a Phi-3 style ``qkv_proj``: q heads, then k and v kv-heads, contiguous."""
-    heads = _config_value(config, "num_attention_heads") if config is not None else None
-    if not heads:
+    if config is None or not _config_value(config, "num_attention_heads"):
         raise ValueError(
             f"cannot tell the q/k/v sizes of {name!r}: the model has no config with "
             "num_attention_heads; pass config=... to inject_lora, or give the sizes with "
             "FusedSpec(split_sizes=(q, k, v), enable_lora=(True, False, True))"
         )
-    kv_heads = _config_value(config, "num_key_value_heads") or heads
-    head_dim = _config_value(config, "head_dim") or _config_value(config, "hidden_size") // heads
-    sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    sizes = qkv_split_sizes(config)
     if sum(sizes) != out_features:
         raise ValueError(
-            f"the config gives q/k/v sizes {sizes} (heads={heads}, kv_heads={kv_heads}, "
-            f"head_dim={head_dim}), summing to {sum(sizes)}, but {name!r} has "
+            f"the config gives q/k/v sizes {sizes} (num_attention_heads="
+            f"{config.num_attention_heads}), summing to {sum(sizes)}, but {name!r} has "
             f"out_features={out_features}; pass FusedSpec(split_sizes=..., enable_lora=...)"
         )
     return sizes
