@@ -770,7 +770,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- inject
 def _make_output_require_grad(module: nn.Module, inputs: Any, output: Any) -> None:
-    if torch.is_tensor(output) and torch.is_grad_enabled() and not output.requires_grad:
+    # Skipped under torch.compile, where dynamo cannot return an intermediate marked with
+    # requires_grad_(): compiled models should use non-reentrant checkpointing.
+    if (
+        torch.is_tensor(output)
+        and torch.is_grad_enabled()
+        and not output.requires_grad
+        and not torch.compiler.is_compiling()
+    ):
         output.requires_grad_(True)
 
 
