@@ -11,20 +11,18 @@ from .adapters import (
     LayerSpec,
     LoadReport,
     adapter_from_model,
-    export_peft,
-    fuse_separate,
-    import_peft,
     load_lora,
     load_lora_state_dict,
     read_adapter,
     save_lora,
-    split_fused,
 )
 from .base import LoRALayer
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
+from .fused import fuse_separate, split_fused
 from .linear import Linear
 from .merged import MergedLinear
+from .peft_interop import export_peft, import_peft
 from .surgery import (
     ALL_LINEAR,
     FUSED_LAYOUTS,

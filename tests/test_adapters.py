@@ -27,7 +27,8 @@ from lora_layers import (
     save_lora,
     split_fused,
 )
-from lora_layers.adapters import METADATA_KEY, normalize_key, phi3_split_sizes
+from lora_layers.adapters import METADATA_KEY, normalize_key
+from lora_layers.fused import phi3_split_sizes
 from tests.helpers import assert_close, fill_lora_, tiny_phi3
 
 PACKAGE = Path(lora_layers.__file__).parent

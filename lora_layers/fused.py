@@ -1,0 +1,308 @@
+"""Fused <-> separate adapter layouts (Phi-3 ``qkv_proj`` / ``gate_up_proj``).
+
+:func:`split_fused` turns per-slice adapters on fused projections into adapters on separate
+projections (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``) for models and
+servers that use unfused layers; :func:`fuse_separate` goes back. Each projection's output is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .adapters import (
+    _LORA_LEAVES,
+    Adapter,
+    AdapterError,
+    LayerSpec,
+    _key,
+    _split_key,
+)
+from .surgery import qkv_split_sizes
+
+__all__ = ["PHI3_FUSED", "fuse_separate", "phi3_split_sizes", "split_fused"]
+
+# Phi-3's fused projections and the separate projections they stand for, in output order.
+PHI3_FUSED: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def phi3_split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Output slice sizes of Phi-3's fused projections, from a ``Phi3Config``.
+
+    Returns:
+        ``{"qkv_proj": (q, k, v), "gate_up_proj": (intermediate, intermediate)}`` where
+        ``q = num_attention_heads * head_dim`` and ``k = v = num_key_value_heads * head_dim``.
+    """
+    inter = config.intermediate_size
+    return {"qkv_proj": qkv_split_sizes(config), "gate_up_proj": (inter, inter)}
+
+
+def _lookup_sizes(
+    split_sizes: Mapping[str, Sequence[int]] | None, name: str, leaf: str
+) -> tuple[int, ...] | None:
+    if split_sizes is None:
+        return None
+    sizes = split_sizes.get(name, split_sizes.get(leaf))
+    return None if sizes is None else tuple(int(s) for s in sizes)
+
+
+def _check_convertible(adapter: Adapter, what: str) -> None:
+    if adapter.modules is None:
+        raise AdapterError(
+            f"{what} needs an adapter with lora_layers metadata, not a bare state dict"
+        )
+    if adapter.problems:
+        raise AdapterError(adapter.problems, context=f"cannot {what} an adapter with problems")
+
+
+def _carry_base_weights(adapter: Adapter, converted: set[str], tensors: dict) -> tuple[str, ...]:
+    """Copy stored base weights of modules left as they are; refuse those being converted."""
+    bad = sorted(set(adapter.base_weights) & converted)
+    if bad:
+        raise AdapterError(f"{bad} carry a stored base weight; convert them by hand")
+    for name in adapter.base_weights:
+        tensors[_key(name, "weight")] = adapter.tensors[_key(name, "weight")].clone()
+    return adapter.base_weights
+
+
+def split_fused(
+    adapter: Adapter,
+    fused: Mapping[str, Sequence[str]] = PHI3_FUSED,
+    split_sizes: Mapping[str, Sequence[int]] | None = None,
+) -> Adapter:
+    """Turn adapters on fused projections into adapters on the separate projections.
+
+    ``<parent>.qkv_proj`` becomes ``<parent>.q_proj`` / ``k_proj`` / ``v_proj`` (and
+    ``gate_up_proj`` becomes ``gate_proj`` / ``up_proj``), each a ``Linear`` adapter with the
+    same rank, alpha and scaling, so every projection's output is unchanged:
+
+    - a ``MergedLinear`` slice ``i`` gives its enabled part ``A_i`` and ``B_i`` (disabled
+      slices get no adapter);
+    - a ``Linear`` adapter on the whole fused matrix gives every part the shared ``A`` and
+      its own rows of ``B`` (needs ``split_sizes``).
+
+    Stored biases of split modules are split too. Other modules are copied unchanged.
+
+    Args:
+        adapter: An adapter with metadata (:func:`read_adapter`, :func:`adapter_from_model`).
+        fused: Fused module leaf name -> part leaf names in output order (default: Phi-3's).
+        split_sizes: Output sizes per fused module, keyed by full name or leaf name, e.g.
+            :func:`phi3_split_sizes` ``(model.config)``; needed for whole-matrix ``Linear``
+            adapters (``MergedLinear`` carries its own).
+
+    Returns:
+        A new :class:`Adapter` (tensors are copies).
+
+    Raises:
+        AdapterError: Listing every module that cannot be split.
+    """
+    _check_convertible(adapter, "split")
+    assert adapter.modules is not None
+    modules: dict[str, LayerSpec] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    split_done: dict[str, tuple[str, tuple[int, ...], tuple[str, ...]]] = {}
+    problems = []
+    for name, spec in adapter.modules.items():
+        parent, leaf = _split_key(name)
+        a, b = (adapter.tensors[_key(name, x)] for x in _LORA_LEAVES)
+        if leaf not in fused:
+            modules[name] = spec
+            tensors[_key(name, "lora_A")], tensors[_key(name, "lora_B")] = a.clone(), b.clone()
+            continue
+        parts = tuple(fused[leaf])
+        given = _lookup_sizes(split_sizes, name, leaf)
+        if spec.layer == "MergedLinear":
+            sizes, enable = spec.split_sizes, spec.enable_lora
+            if given is not None and given != sizes:
+                problems.append(f"{name}: split_sizes {given} differ from the adapter's {sizes}")
+                continue
+        elif spec.layer == "Linear":
+            sizes, enable = given, (True,) * len(parts)
+            if sizes is None:
+                problems.append(
+                    f"{name}: a whole-matrix Linear adapter needs split_sizes "
+                    f"(e.g. phi3_split_sizes(model.config)) to split into {parts}"
+                )
+                continue
+        else:
+            problems.append(f"{name}: a {spec.layer} adapter cannot be split")
+            continue
+        assert sizes is not None and enable is not None
+        if len(sizes) != len(parts) or sum(sizes) != spec.out_features:
+            problems.append(
+                f"{name}: sizes {sizes} do not split {spec.out_features} outputs into {parts}"
+            )
+            continue
+        clash = [_key(parent, p) for p in parts if _key(parent, p) in adapter.modules]
+        if clash:
+            problems.append(f"{name}: the adapter already has {clash}")
+            continue
+        a_row = b_row = 0
+        for part, size, on in zip(parts, sizes, enable, strict=True):
+            if not on:
+                continue
+            pname = _key(parent, part)
+            if spec.layer == "MergedLinear":
+                a_i = a[a_row : a_row + spec.r]
+                a_row += spec.r
+            else:
+                a_i = a
+            tensors[_key(pname, "lora_A")] = a_i.clone()
+            tensors[_key(pname, "lora_B")] = b[b_row : b_row + size].clone()
+            b_row += size
+            shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
+            modules[pname] = dataclasses.replace(
+                spec,
+                layer="Linear",
+                out_features=size,
+                weight_shape=shape,
+                enable_lora=None,
+                split_sizes=None,
+            )
+        split_done[name] = (parent, sizes, parts)
+    if problems:
+        raise AdapterError(problems, context="cannot split the fused adapters")
+    biases = []
+    for name in adapter.biases:
+        bias = adapter.tensors[_key(name, "bias")]
+        if name in split_done:
+            parent, sizes, parts = split_done[name]
+            for part, piece in zip(parts, bias.split(list(sizes)), strict=True):
+                biases.append(_key(parent, part))
+                tensors[_key(_key(parent, part), "bias")] = piece.clone()
+        else:
+            biases.append(name)
+            tensors[_key(name, "bias")] = bias.clone()
+    return Adapter(
+        tensors=tensors,
+        modules=modules,
+        biases=tuple(biases),
+        base_weights=_carry_base_weights(adapter, set(split_done), tensors),
+        bias=adapter.bias,
+        source=f"split_fused({adapter.source})",
+    )
+
+
+def fuse_separate(
+    adapter: Adapter,
+    fused: Mapping[str, Sequence[str]] = PHI3_FUSED,
+    split_sizes: Mapping[str, Sequence[int]] | None = None,
+) -> Adapter:
+    """Turn adapters on separate projections into per-slice adapters on the fused projection.
+
+    The ``Linear`` adapters present among ``<parent>.q_proj`` / ``k_proj`` / ``v_proj`` (or
+    ``gate_proj`` / ``up_proj``) become one ``MergedLinear`` adapter on ``<parent>.qkv_proj``
+    (``gate_up_proj``) with those slices enabled: ``lora_A`` stacks their A, ``lora_B`` their
+    B, so every slice's output is unchanged. The parts must share rank, alpha, rsLoRA,
+    dropout, dtype and input size.
+
+    Args:
+        adapter: An adapter with metadata.
+        fused: Fused module leaf name -> part leaf names in output order (default: Phi-3's).
+        split_sizes: Output sizes per fused module (full or leaf name); needed when some part
+            has no adapter (e.g. q and v only), otherwise taken from the parts.
+
+    Returns:
+        A new :class:`Adapter` (tensors are copies).
+
+    Raises:
+        AdapterError: Listing every group that cannot be fused.
+    """
+    _check_convertible(adapter, "fuse")
+    assert adapter.modules is not None
+    owner = {part: (fl, i) for fl, parts in fused.items() for i, part in enumerate(parts)}
+    groups: dict[str, dict[int, str]] = {}
+    for name in adapter.modules:
+        parent, leaf = _split_key(name)
+        if leaf in owner:
+            fl, i = owner[leaf]
+            groups.setdefault(_key(parent, fl), {})[i] = name
+    grouped = {n for members in groups.values() for n in members.values()}
+    modules = {n: s for n, s in adapter.modules.items() if n not in grouped}
+    tensors = {
+        _key(n, x): adapter.tensors[_key(n, x)].clone() for n in modules for x in _LORA_LEAVES
+    }
+    problems = []
+    shared = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
+    shared += ("merge_weights", "in_features", "dtype")
+    fused_bias: dict[str, list[str]] = {}
+    for fname, members in groups.items():
+        fl = _split_key(fname)[1]
+        parts = tuple(fused[fl])
+        specs = {i: adapter.modules[n] for i, n in members.items()}
+        first = specs[min(specs)]
+        bad = [f"{members[i]} is a {s.layer}" for i, s in specs.items() if s.layer != "Linear"]
+        bad += [
+            f"{members[i]} has {f}={getattr(s, f)!r}, {members[min(specs)]} has {getattr(first, f)!r}"
+            for i, s in specs.items()
+            for f in shared
+            if getattr(s, f) != getattr(first, f)
+        ]
+        sizes = _lookup_sizes(split_sizes, fname, fl)
+        if sizes is None and len(specs) == len(parts):
+            sizes = tuple(specs[i].out_features for i in range(len(parts)))
+        if sizes is None:
+            bad.append(f"pass split_sizes for {fl!r}: not every part of {parts} has an adapter")
+        elif len(sizes) != len(parts):
+            bad.append(f"split_sizes {sizes} do not match the parts {parts}")
+        else:
+            bad += [
+                f"{members[i]} has {s.out_features} outputs, split_sizes say {sizes[i]}"
+                for i, s in specs.items()
+                if s.out_features != sizes[i]
+            ]
+        if fname in adapter.modules:
+            bad.append(f"the adapter already has {fname}")
+        with_bias = [n for n in members.values() if n in adapter.biases]
+        if with_bias and len(with_bias) != len(parts):
+            bad.append(f"only {with_bias} of {parts} have a stored bias")
+        if bad:
+            problems += [f"{fname}: {p}" for p in bad]
+            continue
+        assert sizes is not None
+        order = sorted(members)
+        tensors[_key(fname, "lora_A")] = torch.cat(
+            [adapter.tensors[_key(members[i], "lora_A")] for i in order]
+        )
+        tensors[_key(fname, "lora_B")] = torch.cat(
+            [adapter.tensors[_key(members[i], "lora_B")] for i in order]
+        )
+        out_f = sum(sizes)
+        in_f = first.in_features
+        modules[fname] = dataclasses.replace(
+            first,
+            layer="MergedLinear",
+            out_features=out_f,
+            weight_shape=(in_f, out_f) if first.fan_in_fan_out else (out_f, in_f),
+            enable_lora=tuple(i in members for i in range(len(parts))),
+            split_sizes=sizes,
+        )
+        if with_bias:
+            fused_bias[fname] = [members[i] for i in range(len(parts))]
+    if problems:
+        raise AdapterError(problems, context="cannot fuse the separate adapters")
+    biases = []
+    for name in adapter.biases:
+        if name not in grouped:
+            biases.append(name)
+            tensors[_key(name, "bias")] = adapter.tensors[_key(name, "bias")].clone()
+    for fname, members in fused_bias.items():
+        biases.append(fname)
+        tensors[_key(fname, "bias")] = torch.cat(
+            [adapter.tensors[_key(n, "bias")] for n in members]
+        )
+    return Adapter(
+        tensors=tensors,
+        modules=modules,
+        biases=tuple(biases),
+        base_weights=_carry_base_weights(adapter, grouped, tensors),
+        bias=adapter.bias,
+        source=f"fuse_separate({adapter.source})",
+    )
