@@ -81,11 +81,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, slices):
-        w = weight.t() if fan_in_fan_out else weight  # (out, in)
-        out = F.linear(x, w, bias)  # (N, out)
+        w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
+        out = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)  # (N, out)
+        # Inverted dropout's 1 / (1 - p) is folded into the scale of every LoRA product.
+        alpha = scaling / (1.0 - p)
         if p > 0:
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            h = torch.mm(x * keep, lora_A.t()).mul_(1.0 / (1.0 - p))  # (N, R)
+            h = torch.mm(x * keep, lora_A.t())  # (N, R), without the 1 / (1 - p)
             packed = pack_bits(keep)
             del keep
         else:
@@ -93,16 +95,15 @@ class LoRALinearFunction(torch.autograd.Function):
             packed = None
         r = lora_B.shape[1]
         if len(slices) == 1 and slices[0] == (0, out.shape[1]):
-            out.addmm_(h, lora_B.t(), alpha=scaling)
+            out.addmm_(h, lora_B.t(), alpha=alpha)
         else:
             b_row = 0
             for i, (start, stop) in enumerate(slices):
                 b_i = lora_B[b_row : b_row + stop - start]  # (size_i, r)
-                out[:, start:stop].addmm_(h[:, i * r : (i + 1) * r], b_i.t(), alpha=scaling)
+                out[:, start:stop].addmm_(h[:, i * r : (i + 1) * r], b_i.t(), alpha=alpha)
                 b_row += stop - start
         ctx.save_for_backward(x, weight, lora_A, lora_B, h, packed)
-        ctx.scaling = scaling
-        ctx.p = p
+        ctx.alpha = alpha
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.slices = slices
         ctx.has_bias = bias is not None
@@ -111,54 +112,52 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B, h, packed = ctx.saved_tensors
-        scaling, p, slices = ctx.scaling, ctx.p, ctx.slices
+        alpha, slices = ctx.alpha, ctx.slices
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = grad_out  # (N, out)
         r = lora_B.shape[1]
         single = len(slices) == 1 and slices[0] == (0, g.shape[1])
-
-        # gh = dL/dh = scaling * g_i @ B_i for each slice, concatenated: (N, R)
+        # The scale is applied through the alpha of addmm (beta=0 ignores the input tensor,
+        # which only lends its shape), so no extra elementwise op runs for it.
         if single:
-            g_slices = [g]
-            b_blocks = [lora_B]
+            g_slices, b_blocks = [g], [lora_B]
         else:
             g_slices, b_blocks, b_row = [], [], 0
             for start, stop in slices:
                 g_slices.append(g[:, start:stop])
                 b_blocks.append(lora_B[b_row : b_row + stop - start])
                 b_row += stop - start
-        gh = None
-        if need_x or need_a:
-            parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
-            gh = (parts[0] if single else torch.cat(parts, dim=1)).mul_(scaling)
 
         grad_B = None
         if need_bb:
-            parts = [torch.mm(g_i.t(), h[:, i * r : (i + 1) * r]) for i, g_i in enumerate(g_slices)]
-            grad_B = (parts[0] if single else torch.cat(parts, dim=0)).mul_(scaling)
+            parts = [
+                torch.addmm(b_i, g_i.t(), h[:, i * r : (i + 1) * r], beta=0, alpha=alpha)
+                for i, (g_i, b_i) in enumerate(zip(g_slices, b_blocks, strict=True))
+            ]
+            grad_B = parts[0] if single else torch.cat(parts, dim=0)  # (sum of sizes, r)
+
+        u = None  # dL/dh without the scale: g_i @ B_i per slice, side by side: (N, R)
+        if need_x or need_a:
+            parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
+            u = parts[0] if single else torch.cat(parts, dim=1)
 
         keep = unpack_bits(packed, x.shape) if packed is not None else None
         grad_A = None
         if need_a:
-            xd = x * keep if keep is not None else x
-            grad_A = torch.mm(gh.t(), xd)  # (R, in)
-            if keep is not None:
-                grad_A.mul_(1.0 / (1.0 - p))
+            xd = x if keep is None else x * keep
+            grad_A = torch.addmm(lora_A, u.t(), xd, beta=0, alpha=alpha)  # (R, in)
 
         grad_x = None
         if need_x:
-            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-            grad_x = torch.mm(g, w)
+            grad_x = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
             if keep is None:
-                grad_x.addmm_(gh, lora_A)
+                grad_x.addmm_(u, lora_A, alpha=alpha)
             else:
-                grad_x.add_(torch.mm(gh, lora_A).mul_(keep), alpha=1.0 / (1.0 - p))
+                grad_x.addcmul_(torch.mm(u, lora_A), keep, value=alpha)
 
         grad_w = None
         if need_w:
-            grad_w = torch.mm(g.t(), x)  # (out, in)
-            if ctx.fan_in_fan_out:
-                grad_w = grad_w.t()
+            grad_w = torch.mm(x.t(), g) if ctx.fan_in_fan_out else torch.mm(g.t(), x)
         grad_bias = g.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
 
