@@ -34,6 +34,19 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return shifts
 
 
+_ZERO_CACHE: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim zero of ``like``'s dtype and device (``torch.where`` without a cast)."""
+    key = (like.dtype, like.device)
+    zero = _ZERO_CACHE.get(key)
+    if zero is None:
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        _ZERO_CACHE[key] = zero
+    return zero
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean tensor into a flat uint8 tensor, eight elements per byte.
 
@@ -87,7 +100,7 @@ class LoRALinearFunction(torch.autograd.Function):
         alpha = scaling / (1.0 - p)
         if p > 0:
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-            h = torch.mm(x * keep, lora_A.t())  # (N, R), without the 1 / (1 - p)
+            h = torch.mm(torch.where(keep, x, _zero(x)), lora_A.t())  # (N, R), no 1 / (1 - p)
             packed = pack_bits(keep)
             del keep
         else:
@@ -144,7 +157,7 @@ class LoRALinearFunction(torch.autograd.Function):
         keep = unpack_bits(packed, x.shape) if packed is not None else None
         grad_A = None
         if need_a:
-            xd = x if keep is None else x * keep
+            xd = x if keep is None else torch.where(keep, x, _zero(x))
             grad_A = torch.addmm(lora_A, u.t(), xd, beta=0, alpha=alpha)  # (R, in)
 
         grad_x = None

@@ -790,7 +790,9 @@ def enable_input_require_grads(
     (so its LoRA layers get ``None`` grads) when none of the block's tensor inputs requires
     grad, which is the case when the embeddings are frozen. A forward hook on the embedding
     layer makes its output require grad (as PEFT and ``transformers`` do). Only active while
-    grad mode is on; costs the backward of the first block's input. Idempotent;
+    grad mode is on and, in models whose modules carry transformers' ``gradient_checkpointing``
+    flag, while checkpointing is enabled; it then costs the backward of the first block's
+    input. Idempotent;
     :func:`unload` and :func:`merge_and_unload` remove it.
 
     Args:
@@ -814,7 +816,20 @@ def enable_input_require_grads(
         if hooks is not None and handle.id in hooks and hooks is module._forward_hooks:
             return handle
         handle.remove()
-    handle = module.register_forward_hook(_make_output_require_grad)
+    # transformers marks the modules it can checkpoint with a bool `gradient_checkpointing`;
+    # where such flags exist, the hook acts only while one is on, so training without
+    # checkpointing pays nothing. Elsewhere it always acts.
+    flags = [
+        m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)
+    ]
+    hook = _make_output_require_grad
+    if flags:
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if any(m.gradient_checkpointing for m in flags):
+                _make_output_require_grad(module, inputs, output)
+
+    handle = module.register_forward_hook(hook)
     model.__dict__[_HOOK] = handle
     return handle
 
