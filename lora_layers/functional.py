@@ -166,7 +166,8 @@ class LoRALinearFunction(torch.autograd.Function):
             if keep is None:
                 grad_x.addmm_(u, lora_A, alpha=alpha)
             else:
-                grad_x.addcmul_(torch.mm(u, lora_A), keep, value=alpha)
+                lora_grad = torch.mm(u, lora_A).masked_fill_(~keep, 0)  # (N, in)
+                grad_x.add_(lora_grad, alpha=alpha)
 
         grad_w = None
         if need_w:
