@@ -81,3 +81,31 @@ def saved_tensor_bytes(fn, exclude=()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(storages.values())
+
+
+def fill_all_(model, std: float = 0.3):
+    """:func:`fill_lora_` on every LoRA layer of ``model``; returns the model."""
+    import lora_layers
+
+    for _, layer in lora_layers.lora_modules(model):
+        fill_lora_(layer, std=std)
+    return model
+
+
+def phi3_q_and_v(seed: int = 0, gqa: bool = True, **inject_kwargs):
+    """A tiny Phi-3 (eval mode) with LoRA on q and v of ``qkv_proj``, both halves of
+    ``gate_up_proj`` and a rank-2 ``o_proj``, every A and B random and non-zero."""
+    import lora_layers
+
+    model = tiny_phi3(seed, gqa=gqa)
+    lora_layers.inject_lora(
+        model,
+        ["o_proj"],
+        r=4,
+        lora_alpha=8,
+        fused={"qkv_proj": "qv", "gate_up_proj": "gate,up"},
+        rank_pattern={"o_proj": 2},
+        **inject_kwargs,
+    )
+    torch.manual_seed(seed + 100)
+    return fill_all_(model).eval()

@@ -29,19 +29,12 @@ from lora_layers import (
 )
 from lora_layers.adapters import METADATA_KEY, normalize_key
 from lora_layers.fused import phi3_split_sizes
-from tests.helpers import assert_close, fill_lora_, tiny_phi3
+from tests.helpers import assert_close, fill_all_, fill_lora_, phi3_q_and_v, tiny_phi3
 
 PACKAGE = Path(lora_layers.__file__).parent
 
 
 # --------------------------------------------------------------------------- helpers
-def fill_all_(model: nn.Module) -> nn.Module:
-    """Random non-zero A and B in every LoRA layer (B = 0 would hide every bug)."""
-    for _, layer in lora_layers.lora_modules(model):
-        fill_lora_(layer, std=0.3)
-    return model
-
-
 def snapshot(model: nn.Module) -> dict[str, object]:
     """Every tensor of the state dict (cloned) and every module's type, by name."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -112,22 +105,6 @@ def lora_net(seed: int = 0, **kw) -> Net:
 
 
 TOKENS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
-
-
-def phi3_lora(seed: int = 0, **kw) -> nn.Module:
-    """A tiny Phi-3 (GQA: q 64, k 16, v 16) with q-and-v LoRA on qkv_proj, gate+up, o_proj."""
-    model = tiny_phi3(seed)
-    lora_layers.inject_lora(
-        model,
-        ["o_proj"],
-        r=4,
-        lora_alpha=8,
-        fused={"qkv_proj": "qv", "gate_up_proj": "gate,up"},
-        rank_pattern={"o_proj": 2},
-        **kw,
-    )
-    torch.manual_seed(seed + 100)
-    return fill_all_(model).eval()
 
 
 PHI3_IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -234,9 +211,9 @@ def test_round_trip_every_layer_type_in_one_model(tmp_path):
 
 @pytest.mark.parametrize("into", ["plain", "lora"])
 def test_round_trip_tiny_phi3_bit_exact(tmp_path, into):
-    model = phi3_lora()
+    model = phi3_q_and_v()
     save_lora(model, tmp_path / "phi3.safetensors")
-    fresh = tiny_phi3() if into == "plain" else phi3_lora(seed=0).eval()
+    fresh = tiny_phi3() if into == "plain" else phi3_q_and_v(seed=0).eval()
     if into == "lora":  # same layers, different adapter values
         torch.manual_seed(7)
         fill_all_(fresh)
@@ -255,7 +232,7 @@ def test_round_trip_tiny_phi3_bit_exact(tmp_path, into):
 
 
 def test_file_holds_adapter_tensors_only_and_full_metadata(tmp_path):
-    model = phi3_lora(use_rslora=True)
+    model = phi3_q_and_v(use_rslora=True)
     path = save_lora(model, tmp_path / "phi3.safetensors")
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
@@ -426,7 +403,7 @@ def test_truncated_file_raises_and_changes_nothing(tmp_path, cut):
 
 def test_file_from_another_model_names_every_module(tmp_path):
     """A tiny-Phi-3 adapter loaded into a differently sized Phi-3 (hidden 32)."""
-    path = save_lora(phi3_lora(), tmp_path / "phi3.safetensors")
+    path = save_lora(phi3_q_and_v(), tmp_path / "phi3.safetensors")
     other = tiny_phi3(hidden_size=32, intermediate_size=48)
     before = snapshot(other)
 
@@ -447,7 +424,7 @@ def _meta(path: Path) -> str:
 
 def test_file_from_an_unrelated_model_lists_unexpected_and_missing(tmp_path):
     path = save_lora(lora_net(), tmp_path / "a.safetensors")
-    model = phi3_lora(seed=1)
+    model = phi3_q_and_v(seed=1)
     before = snapshot(model)
 
     with pytest.raises(AdapterLoadError) as info:
@@ -836,7 +813,7 @@ def fused_outputs(fused_model, x):
 
 
 def test_fused_to_separate_and_back_keeps_every_projection(tmp_path):
-    model = phi3_lora()
+    model = phi3_q_and_v()
     sizes = phi3_split_sizes(model.config)
     x = torch.randn(3, 64)
     with torch.no_grad():
@@ -891,7 +868,7 @@ def test_whole_matrix_adapter_splits_with_sizes_and_fuses_back():
 
 
 def test_fuse_needs_sizes_when_a_part_has_no_adapter():
-    separate = split_fused(lora_layers.adapter_from_model(phi3_lora()))
+    separate = split_fused(lora_layers.adapter_from_model(phi3_q_and_v()))
     with pytest.raises(AdapterError) as info:
         fuse_separate(separate)
     message = str(info.value)

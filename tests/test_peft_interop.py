@@ -14,16 +14,10 @@ from torch import nn
 
 import lora_layers
 from lora_layers import AdapterError, AdapterLoadError, export_peft, import_peft
-from tests.helpers import fill_lora_, tiny_phi3
+from tests.helpers import fill_all_, phi3_q_and_v, tiny_phi3
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def fill_all_(model: nn.Module, std: float = 0.3) -> nn.Module:
-    for _, layer in lora_layers.lora_modules(model):
-        fill_lora_(layer, std=std)
-    return model
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -39,21 +33,6 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-
-
-def phi3_q_and_v(gqa: bool = True, use_rslora: bool = False) -> nn.Module:
-    """A tiny Phi-3 with q-and-v LoRA on qkv_proj, gate+up on gate_up_proj and a rank-2 o_proj."""
-    model = tiny_phi3(gqa=gqa)
-    lora_layers.inject_lora(
-        model,
-        ["o_proj"],
-        r=4,
-        lora_alpha=8,
-        fused={"qkv_proj": "qv", "gate_up_proj": "gate,up"},
-        rank_pattern={"o_proj": 2},
-        use_rslora=use_rslora,
-    )
-    return fill_all_(model).eval()
 
 
 def peft_logits(directory) -> torch.Tensor:
