@@ -10,7 +10,8 @@ of ``lora_B``. Disabled slices are never written, so they are bit-identical to t
 
 The fast path (:class:`LoRALinearFunction`) adds the low-rank product into the base output in
 place and saves for backward only the input, the small ``(N, R)`` projection
-``h = dropout(x) @ A.T`` and, with dropout, the keep-mask packed at one bit per element. The
+``h = (x * keep) @ A.T`` and, with dropout, the keep-mask packed at one bit per element (the
+scale and dropout's ``1 / (1 - p)`` ride on the alpha of the matmuls). The
 plain path composes ordinary differentiable ops; it is used under ``torch.compile`` (so the
 compiler sees plain ops it can fuse), under autocast and when dtypes differ.
 """
