@@ -42,7 +42,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear, _check_slices
-from .surgery import replace_module
+from .surgery import FusedSpec, InjectSpec, replace_module, wrap_module
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = [
@@ -1004,20 +1004,20 @@ def _validate(
 
 
 def _wrap(module: nn.Module, spec: LayerSpec) -> LoRALayer:
-    cls = _LAYERS[spec.layer][0]
-    kwargs: dict[str, Any] = {
-        "r": spec.r,
-        "lora_alpha": spec.lora_alpha,
-        "merge_weights": spec.merge_weights,
-        "use_rslora": spec.use_rslora,
-        "lora_dtype": _dtype_from_name(spec.dtype),
-    }
-    if spec.layer != "Embedding":
-        kwargs["lora_dropout"] = spec.lora_dropout
+    """Build the LoRA layer ``spec`` describes around ``module`` (surgery's one wrapping path)."""
+    fused = None
     if spec.layer == "MergedLinear":
-        kwargs["enable_lora"] = spec.enable_lora
-        kwargs["split_sizes"] = spec.split_sizes
-    return cls.from_module(module, **kwargs)
+        fused = FusedSpec(tuple(spec.split_sizes), tuple(spec.enable_lora))
+    inject = InjectSpec(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        use_rslora=spec.use_rslora,
+        merge_weights=spec.merge_weights,
+        lora_dtype=_dtype_from_name(spec.dtype),
+        fused=fused,
+    )
+    return wrap_module(module, inject)
 
 
 def _apply(
