@@ -23,6 +23,14 @@ from .fused import fuse_separate, split_fused
 from .linear import Linear
 from .merged import MergedLinear
 from .peft_interop import export_peft, import_peft
+from .quantized import (
+    QUANTIZED_LINEARS,
+    LoRALinear4bit,
+    LoRALinear8bitLt,
+    QuantizedLoRALinear,
+    register_quantized_linear,
+    supported_quantized_kinds,
+)
 from .surgery import (
     ALL_LINEAR,
     FUSED_LAYOUTS,
@@ -60,8 +68,12 @@ __all__ = [
     "LayerSpec",
     "Linear",
     "LoRALayer",
+    "LoRALinear4bit",
+    "LoRALinear8bitLt",
     "LoadReport",
     "MergedLinear",
+    "QUANTIZED_LINEARS",
+    "QuantizedLoRALinear",
     "adapter_from_model",
     "count_parameters",
     "disable_adapters",
@@ -80,10 +92,12 @@ __all__ = [
     "merge_lora",
     "plan_lora",
     "read_adapter",
+    "register_quantized_linear",
     "replace_module",
     "resolve_fused",
     "save_lora",
     "split_fused",
+    "supported_quantized_kinds",
     "unload",
     "unmerge_lora",
     "wrap_module",
