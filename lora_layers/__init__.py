@@ -21,6 +21,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .fused import fuse_separate, split_fused
 from .linear import Linear
+from .memory import MemoryEstimate, estimate_memory
 from .merged import MergedLinear
 from .peft_interop import export_peft, import_peft
 from .quantized import (
@@ -71,6 +72,7 @@ __all__ = [
     "LoRALinear4bit",
     "LoRALinear8bitLt",
     "LoadReport",
+    "MemoryEstimate",
     "MergedLinear",
     "QUANTIZED_LINEARS",
     "QuantizedLoRALinear",
@@ -78,6 +80,7 @@ __all__ = [
     "count_parameters",
     "disable_adapters",
     "enable_input_require_grads",
+    "estimate_memory",
     "export_peft",
     "fuse_separate",
     "import_peft",
