@@ -103,7 +103,7 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         packed = None
         if p > 0:
             keep = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
-            xl = xl.masked_fill(~keep, 0)
+            xl = torch.where(keep, xl, xl.new_zeros(()))
             packed = pack_bits(keep)
             del keep
         h = torch.mm(xl, lora_A.t())  # (N, R)
@@ -132,7 +132,8 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         dtype, r = lora_A.dtype, lora_B.shape[1]
         g_slices, b_blocks, b_row = [], [], 0
         for start, stop in slices:
-            g_slices.append(g[:, start:stop].to(dtype))
+            g_i = g if (start, stop) == (0, g.shape[1]) else g[:, start:stop]
+            g_slices.append(g_i if g_i.dtype == dtype else g_i.to(dtype))
             b_blocks.append(lora_B[b_row : b_row + stop - start])
             b_row += stop - start
         grad_A = grad_B = grad_x = None
@@ -143,22 +144,19 @@ class QuantizedLoRAFunction(torch.autograd.Function):
             ]
             grad_B = torch.cat(parts) if len(parts) > 1 else parts[0]  # (rows, r)
         if need_x or need_a:
-            u = torch.cat(
-                [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)], 1
-            )
-            keep = (
-                unpack_bits(packed, torch.Size(h.shape[:1] + x.shape[-1:]))
-                if packed is not None
-                else None
-            )
+            parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
+            u = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).mul_(alpha)  # (N, R)
+            keep = None
+            if packed is not None:
+                keep = unpack_bits(packed, torch.Size((u.shape[0], x.shape[-1])))
             if need_a:
                 x2 = x.reshape(-1, x.shape[-1])
                 xl = x2 if x2.dtype == dtype else x2.to(dtype)
                 if keep is not None:
-                    xl = xl.masked_fill(~keep, 0)
-                grad_A = torch.mm(u.t(), xl).mul_(alpha)  # (R, in)
+                    xl = torch.where(keep, xl, xl.new_zeros(()))
+                grad_A = torch.mm(u.t(), xl)  # (R, in)
             if need_x:
-                lora_grad = torch.mm(u, lora_A).mul_(alpha)  # (N, in)
+                lora_grad = torch.mm(u, lora_A)  # (N, in)
                 if keep is not None:
                     lora_grad.masked_fill_(~keep, 0)
                 grad_x = lora_grad.to(x.dtype).view(x.shape)
