@@ -28,6 +28,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +44,7 @@ __all__ = [
     "QuantizedLoRALinear",
     "dense_weight_shape",
     "find_quantized_lora_class",
+    "keep_mask",
     "quantized_lora_class",
     "register_quantized_linear",
     "supported_quantized_kinds",
@@ -77,6 +79,39 @@ def _class_name(cls: type) -> str:
 
 
 # --------------------------------------------------------------------------- autograd
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Dropout's keep-mask: each element True with probability ``1 - p``.
+
+    Drawn as uniform 31-bit integers compared with ``round((1 - p) * 2**31)`` (exact to
+    2**-31, finer than a float32 uniform), about three times faster on a CPU than
+    ``bernoulli_`` and consuming the generator the same way on every call.
+
+    Args:
+        shape: Mask shape.
+        p: Dropout probability in ``(0, 1)``.
+        device: Where to draw it.
+
+    Returns:
+        A bool tensor of ``shape``.
+    """
+    threshold = round((1.0 - p) * 2**31)
+    return torch.empty(shape, dtype=torch.int32, device=device).random_() < threshold
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """One bit per element (numpy's ``packbits`` on the CPU: ~100x faster than tensor ops)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy().reshape(-1), bitorder="little"))
+    return pack_bits(mask)
+
+
+def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), count=shape.numel(), bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool).view(shape)
+    return unpack_bits(packed, shape)
+
+
 class QuantizedLoRAFunction(torch.autograd.Function):
     """Add the per-slice LoRA update into a quantized layer's output, in place.
 
@@ -89,7 +124,8 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         p: Dropout probability on the LoRA branch's input (0: no dropout).
         slices: ``((start, stop), ...)`` output columns of each enabled slice.
 
-    Saved for backward: ``x`` itself, ``h = dropout(x) @ A.T`` ``(N, R)`` in the LoRA dtype
+    Saved for backward: the input in its own dtype (``x`` itself, or with dropout the dropped
+    input ``x * keep`` in its place), ``h = dropout(x) @ A.T`` ``(N, R)`` in the LoRA dtype
     and, with dropout, the keep-mask packed at one bit per element. The gradient of ``out``
     passes through unchanged (the base layer's own backward handles its part of ``x``'s
     gradient); the update is computed in the LoRA dtype and added with one rounding.
@@ -99,13 +135,13 @@ class QuantizedLoRAFunction(torch.autograd.Function):
     def forward(ctx, out, x, lora_A, lora_B, scaling, p, slices):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         out2 = out.view(-1, out.shape[-1])  # (N, out)
-        xl = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)  # a temporary copy
         packed = None
         if p > 0:
-            keep = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
-            xl = torch.where(keep, xl, xl.new_zeros(()))
-            packed = pack_bits(keep)
+            keep = keep_mask(x2.shape, p, x2.device)
+            x2 = torch.where(keep, x2, x2.new_zeros(()))  # the dropped input, x's dtype
+            packed = _pack(keep)
             del keep
+        xl = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)  # a temporary copy
         h = torch.mm(xl, lora_A.t())  # (N, R)
         del xl
         alpha = scaling / (1.0 - p)  # inverted dropout's 1 / (1 - p) rides on the scale
@@ -119,13 +155,13 @@ class QuantizedLoRAFunction(torch.autograd.Function):
                 out2[:, start:stop].add_(torch.mm(h_i, b_i.t()), alpha=alpha)
             b_row += stop - start
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, lora_A, lora_B, h, packed)
-        ctx.alpha, ctx.slices = alpha, slices
+        ctx.save_for_backward(x if packed is None else x2, lora_A, lora_B, h, packed)
+        ctx.alpha, ctx.slices, ctx.x_shape = alpha, slices, x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_A, lora_B, h, packed = ctx.saved_tensors
+        xd, lora_A, lora_B, h, packed = ctx.saved_tensors  # xd: x, or x * keep with dropout
         _, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         alpha, slices = ctx.alpha, ctx.slices
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -146,20 +182,15 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         if need_x or need_a:
             parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
             u = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).mul_(alpha)  # (N, R)
-            keep = None
-            if packed is not None:
-                keep = unpack_bits(packed, torch.Size((u.shape[0], x.shape[-1])))
             if need_a:
-                x2 = x.reshape(-1, x.shape[-1])
-                xl = x2 if x2.dtype == dtype else x2.to(dtype)
-                if keep is not None:
-                    xl = torch.where(keep, xl, xl.new_zeros(()))
-                grad_A = torch.mm(u.t(), xl)  # (R, in)
+                x2 = xd.reshape(-1, xd.shape[-1])
+                grad_A = torch.mm(u.t(), x2 if x2.dtype == dtype else x2.to(dtype))  # (R, in)
             if need_x:
                 lora_grad = torch.mm(u, lora_A)  # (N, in)
-                if keep is not None:
-                    lora_grad.masked_fill_(~keep, 0)
-                grad_x = lora_grad.to(x.dtype).view(x.shape)
+                if packed is not None:
+                    keep = _unpack(packed, lora_grad.shape)
+                    lora_grad = torch.where(keep, lora_grad, lora_grad.new_zeros(()))
+                grad_x = lora_grad.to(xd.dtype).view(ctx.x_shape)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
 

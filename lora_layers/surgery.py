@@ -1084,7 +1084,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     new Parameter (the original one is freed unless referenced elsewhere), so ``state_dict()``
     has exactly the original model's keys and shapes and ``save_pretrained`` writes a normal
     checkpoint. A weight tied to another module (e.g. embeddings tied to the output head)
-    is untied, keeping the model's outputs; a warning says so.
+    is untied, keeping the model's outputs; a warning says so. A LoRA layer on a quantized
+    base (:mod:`lora_layers.quantized`) becomes a dense ``nn.Linear`` holding
+    ``dequantize(W) + delta`` rounded once (see ``docs/qlora.md``).
 
     Returns:
         nn.Module: ``model``.

@@ -30,6 +30,7 @@ from lora_layers import (
     merge_and_unload,
     save_lora,
 )
+from lora_layers.quantized import keep_mask
 from tests.helpers import assert_close, fill_all_, saved_tensor_bytes, tiny_phi3
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -181,7 +182,7 @@ def test_layer_matches_dense_reference_forward_and_backward(base_dir, p):
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)  # the same draw as the layer's keep-mask
-    keep = torch.empty(10, 96, dtype=torch.bool).bernoulli_(1 - p).view(2, 5, 96) if p else 1.0
+    keep = keep_mask(torch.Size((10, 96)), p, x.device).view(2, 5, 96) if p else 1.0
     xr = x.detach().clone().requires_grad_(True)
     a, b = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B))
     w = dequantized(layer)
