@@ -315,7 +315,7 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
     def base_dtype(self) -> torch.dtype:
         """The dtype a dense replacement of the base layer should have (its activations').
 
-        Default: the dtype of the last input seen in forward, else the bias's, else fp32.
+        Default: the dtype of the first input seen in forward, else the bias's, else fp32.
         """
         bias = self.bias
         return self._dense_dtype or (bias.dtype if bias is not None else torch.float32)
@@ -336,7 +336,16 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
     ) -> QuantizedLoRALinear:
         """Wrap a quantized layer (kept as ``base_layer``, never copied or modified).
 
-        Args: as the constructor.
+        Args:
+            module (nn.Module): The quantized layer.
+            r (int): Rank of each enabled slice's update.
+            lora_alpha (float): Scaling numerator.
+            lora_dropout (float): Dropout probability on the LoRA branch's input.
+            enable_lora (Sequence[bool] | None): Which output slices get LoRA (None: all).
+            split_sizes (Sequence[int] | None): Slice sizes (default: equal).
+            merge_weights (bool): Ignored with a warning when True (no in-place merging).
+            use_rslora (bool): Rank-stabilised scaling.
+            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default fp32).
 
         Returns:
             QuantizedLoRALinear: The new layer.

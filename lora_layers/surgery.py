@@ -155,7 +155,7 @@ class InjectSpec:
             InjectSpec: Its rank, alpha, dropout, rsLoRA flag, merge mode, LoRA dtype and slices.
         """
         fused = None
-        if isinstance(layer, MergedLinear):
+        if getattr(layer, "enable_lora", None) is not None:  # MergedLinear, fused quantized
             fused = FusedSpec(layer.split_sizes, layer.enable_lora)
         lora_dtype = layer.lora_A.dtype if layer.r > 0 else None
         return cls(

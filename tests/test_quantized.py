@@ -238,6 +238,9 @@ def test_fused_q_and_v_on_4bit_qkv_leaves_k_bit_identical(base_dir):
     model = inject_lora(load(base_dir), fused={"qkv_proj": "qv"}, r=4, lora_alpha=8)
     layer = fill_all_(model).model.layers[0].self_attn.qkv_proj
     assert isinstance(layer, LoRALinear4bit) and layer.split_sizes == (64, 16, 16)
+    spec = lora_layers.InjectSpec.from_layer(layer)
+    assert spec.fused == lora_layers.FusedSpec((64, 16, 16), (True, False, True))
+    assert spec.lora_dtype == torch.float32
     x = torch.randn(3, 64)
     y = layer(x)
     base = layer.base_layer(x)
