@@ -437,11 +437,12 @@ class LoRALayer:
         # to_empty() moves meta tensors to real memory without initialising it; LoRA
         # parameters that came off the meta device this way are re-initialised (B = 0), so an
         # adapter injected on meta is never garbage. The base weight still needs loading.
+        # Sharded (FSDP2) parameters are left to the caller's explicit initialisation.
         lora_on_meta = any(p.is_meta for p in self._lora_parameters())
         super()._apply(fn, recurse)
-        if lora_on_meta and not any(p.is_meta for p in self._lora_parameters()):
-            if not self._sharded():  # FSDP2: initialise the sharded parameters explicitly
-                self.reset_lora_parameters()
+        materialised = not any(p.is_meta for p in self._lora_parameters())
+        if lora_on_meta and materialised and not self._sharded():
+            self.reset_lora_parameters()
         return self
 
     def __getstate__(self) -> dict:
