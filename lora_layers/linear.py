@@ -86,7 +86,10 @@ class Linear(LoRALayer, nn.Linear):
         if not getattr(self, "fan_in_fan_out", False):  # unset while nn.Linear builds
             super().reset_parameters()
             return
-        nn.init.kaiming_uniform_(self.weight.t(), a=math.sqrt(5))  # the (out, in) view
+        out_in = torch.empty_like(self.weight.t(), memory_format=torch.contiguous_format)
+        nn.init.kaiming_uniform_(out_in, a=math.sqrt(5))  # nn.Linear's values, then stored
+        with torch.no_grad():
+            self.weight.copy_(out_in.t())
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)

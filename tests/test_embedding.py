@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers
-from tests.helpers import DTYPES, assert_close, fill_lora_
+from tests.helpers import DTYPES, assert_close, fill_lora_, up
 
 NUM, DIM, R, ALPHA = 20, 8, 4, 8
 INDEX_SHAPES = [(5,), (2, 5), (2, 3, 5)]
@@ -37,9 +37,9 @@ def test_output_and_grads_match_dense_reference(dtype, shape):
     y = layer(idx)
     y.backward(g)
 
-    A, B = (t.detach().float().requires_grad_() for t in (layer.lora_A, layer.lora_B))
-    y_ref = dense_table(layer.weight.float(), A, B, layer.scaling)[idx]
-    y_ref.backward(g.float())
+    A, B = (up(t.detach()).requires_grad_() for t in (layer.lora_A, layer.lora_B))
+    y_ref = dense_table(up(layer.weight), A, B, layer.scaling)[idx]
+    y_ref.backward(up(g))
 
     assert y.shape == (*shape, DIM) and y.dtype == dtype
     assert_close(y, y_ref)
@@ -60,11 +60,11 @@ def test_merged_equals_unmerged_and_weight_bit_exact(dtype):
         unmerged = layer(idx)
         merged = layer.eval()(idx)
     W, A, B = layer.weight, layer.lora_A, layer.lora_B
-    expected_weight = (W.float() + layer.scaling * (B.float() @ A.float()).t()).to(W.dtype)
+    expected_weight = (up(W) + layer.scaling * (up(B) @ up(A)).t()).to(W.dtype)
     assert layer.merged and torch.equal(layer.merged_weight, expected_weight)
     assert torch.equal(merged, expected_weight[idx])
-    assert_close(unmerged, dense_table(W.float(), A.float(), B.float(), layer.scaling)[idx])
-    assert_close(merged, unmerged.float())
+    assert_close(unmerged, dense_table(up(W), up(A), up(B), layer.scaling)[idx])
+    assert_close(merged, up(unmerged))
 
 
 def test_init_a_zeros_b_normal_output_equals_base():
