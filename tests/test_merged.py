@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers
-from tests.helpers import DTYPES, assert_close, fill_lora_, up, saved_tensor_bytes
+from tests.helpers import DTYPES, assert_close, fill_lora_, saved_tensor_bytes, up
 
 SHAPES = [(64,), (3, 64), (2, 5, 64)]
 
