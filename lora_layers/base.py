@@ -12,8 +12,9 @@ Merging never touches ``weight``. The merged weight
 
 is computed in ``c``, float64 when the weight or ``lora_A`` / ``lora_B`` are float64 and
 float32 otherwise (never below the weight's precision), rounded once and kept in a separate
-non-persistent buffer ``merged_weight``. Unmerging drops that buffer, so the base weight is bit-identical to the
-original after any number of merges, and ``state_dict()`` always holds the original weight.
+non-persistent buffer ``merged_weight``. Unmerging drops that buffer, so the base weight is
+bit-identical to the original after any number of merges, and ``state_dict()`` always holds
+the original weight.
 The cost is one extra weight-sized tensor per layer while it is merged; ``merge_and_unload``
 (in :mod:`lora_layers.surgery`) frees it by making the merged tensor the layer's only weight.
 """
