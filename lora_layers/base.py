@@ -350,7 +350,10 @@ class LoRALayer:
         weight = self.weight
         with torch.no_grad():
             delta = self.delta_weight()
-            merged = (weight.detach().to(delta.dtype) + delta).to(weight.dtype)
+            # The sum gets the weight's own strides, so the merged layer runs the same kernels.
+            merged = torch.empty_like(weight, dtype=delta.dtype, requires_grad=False)
+            torch.add(weight.detach().to(delta.dtype), delta, out=merged)
+            merged = merged.to(weight.dtype)
         if merged.device.type != "meta" and not torch.isfinite(merged).all():
             bad = (~torch.isfinite(merged)).sum().item()
             raise ValueError(

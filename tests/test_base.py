@@ -714,3 +714,13 @@ def test_inject_on_meta_then_to_empty_and_load_gives_the_base_model():
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert torch.equal(model(x), base(x))
+
+
+def test_merge_and_unload_inside_inference_mode_gives_a_trainable_model():
+    model = nn.Sequential(make("linear"), nn.ReLU())
+    with torch.inference_mode():
+        lora_layers.merge_and_unload(model)
+    assert type(model[0]) is nn.Linear and not model[0].weight.is_inference()
+    model[0].weight.requires_grad_(True)
+    model(torch.randn(3, 8)).sum().backward()  # an inference tensor could not be trained
+    assert model[0].weight.grad is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -28,8 +29,9 @@ from hypothesis import strategies as st
 import lora_layers
 from tests.helpers import DTYPES, assert_close, fill_lora_, up
 
+# Every (kind, dtype) pair runs in every test; hypothesis draws the rest (a few examples each).
 SETTINGS = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 KIND_NAMES = (
     "Linear",
@@ -77,9 +79,8 @@ class Case:
 
 
 @st.composite
-def cases(draw, kinds=KIND_NAMES) -> Case:
-    kind = draw(st.sampled_from(kinds))
-    case = Case(kind, draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**31 - 1)))
+def cases(draw, kind: str, dtype: torch.dtype) -> Case:
+    case = Case(kind, dtype, draw(st.integers(0, 2**31 - 1)))
     kw = {
         "r": draw(st.integers(1, 3)),
         "lora_alpha": draw(st.sampled_from([1, 2.5, 16])),
@@ -177,9 +178,12 @@ def disabled_columns(layer) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------- properties
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 @SETTINGS
-@given(case=cases())
-def test_forward_and_first_derivatives_match_dense_reference(case):
+@given(data=st.data())
+def test_forward_and_first_derivatives_match_dense_reference(kind, dtype, data):
+    case = data.draw(cases(kind, dtype))
     layer = case.build()
     x = case.make_input()
     floating = x.is_floating_point()
@@ -209,9 +213,12 @@ def test_forward_and_first_derivatives_match_dense_reference(case):
     assert layer.weight.grad is None  # frozen
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 @SETTINGS
-@given(case=cases())
-def test_merged_weight_is_exact_and_merged_equals_unmerged(case):
+@given(data=st.data())
+def test_merged_weight_is_exact_and_merged_equals_unmerged(kind, dtype, data):
+    case = data.draw(cases(kind, dtype))
     layer = case.build()
     x = case.make_input()
     W = layer.weight
@@ -240,9 +247,13 @@ def test_merged_weight_is_exact_and_merged_equals_unmerged(case):
         assert torch.equal(bits(rows[start:stop]), bits(base_rows[start:stop]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 @SETTINGS
-@given(case=cases(), cycles=st.integers(1, 4))
-def test_merge_unmerge_cycles_restore_weight_and_outputs_bit_for_bit(case, cycles):
+@given(data=st.data())
+def test_merge_unmerge_cycles_restore_weight_and_outputs_bit_for_bit(kind, dtype, data):
+    case = data.draw(cases(kind, dtype))
+    cycles = data.draw(st.integers(1, 4))
     layer = case.build()
     x = case.make_input()
     weight = bits(layer.weight).clone()
@@ -261,9 +272,12 @@ def test_merge_unmerge_cycles_restore_weight_and_outputs_bit_for_bit(case, cycle
         assert torch.equal(bits(layer(x)), bits(before))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 @SETTINGS
-@given(case=cases())
-def test_b_zero_merges_to_the_base_layer_bit_for_bit(case):
+@given(data=st.data())
+def test_b_zero_merges_to_the_base_layer_bit_for_bit(kind, dtype, data):
+    case = data.draw(cases(kind, dtype))
     layer = case.build()
     with torch.no_grad():
         layer.lora_B.zero_()  # A stays non-zero
