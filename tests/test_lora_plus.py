@@ -220,7 +220,9 @@ def test_rejects_bad_rates(arg, value):
 
 @pytest.mark.parametrize("value", [-0.1, math.nan, math.inf])
 def test_rejects_bad_weight_decay(value):
-    with pytest.raises(ValueError, match=rf"weight_decay must be .* >= 0, got weight_decay={value}"):
+    with pytest.raises(
+        ValueError, match=rf"weight_decay must be .* >= 0, got weight_decay={value}"
+    ):
         lora_plus_param_groups(toy_with_lora(), LR, weight_decay=value)
 
 
