@@ -157,6 +157,15 @@ def test_groups_equal_peft_run_on_our_model_except_embedding_lora():
     assert by_name["conv.lora_A"] == by_name["head.weight"] == (LR, WD)
 
 
+def test_root_module_parameters_decay_as_in_peft():
+    # transformers' LayerNorm test looks at submodules only: a LayerNorm that *is* the model
+    # keeps its weight in the decayed group (its bias is exempt by name).
+    model = nn.LayerNorm(4)
+    peft_rates = rates(create_loraplus_optimizer(model, torch.optim.AdamW, **PEFT_KW))
+    assert rates(ours(model)) == peft_rates
+    assert peft_rates[id(model.weight)] == (LR * RATIO, WD)
+
+
 # --------------------------------------------------------------------------- the groups
 def test_every_trainable_parameter_exactly_once_frozen_excluded():
     model = toy_with_lora()
