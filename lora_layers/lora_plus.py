@@ -3,7 +3,7 @@
 LoRA+ trains ``lora_B`` with a learning rate ``lr_ratio`` times that of ``lora_A``. The
 paper shows that, as the model width grows, one shared learning rate cannot let both ``A``
 and ``B`` learn efficiently (``B`` needs a rate that grows with the width relative to
-``A``'s); in practice a fixed ratio of about 2^4 trains faster and better. Nothing in the
+``A``'s); in practice it finds a fixed ratio around 2^4 a good default. Nothing in the
 layers changes; only the optimizer sees different learning rates::
 
     groups = lora_plus_param_groups(model, lr=1e-4, lr_ratio=16.0)
