@@ -850,6 +850,8 @@ class _ModulePlan:
     spec: LayerSpec | None  # the file's spec (None for bare state dicts)
     inject: bool
     raw_names: tuple[str, ...] = ()  # every name the module has in the model (aliases)
+    # requires_grad the wrapped module's Parameters get once the new layer is swapped in
+    requires_grad: tuple[tuple[nn.Parameter, bool], ...] = ()
 
 
 def _check_tensor(report: LoadReport, key: str, t: torch.Tensor) -> bool:
@@ -1153,11 +1155,17 @@ def _prepare(
     for plan in plans:
         layer = plan.module
         if plan.inject:
+            # Wrapping freezes the shared base weight; keep the model as it is until _apply.
+            flags = [(p, p.requires_grad) for p in plan.module.parameters()]
             try:
                 layer = _wrap(plan.module, plan.spec)
             except (TypeError, ValueError) as exc:
                 report._add("config_mismatches", plan.name, f"cannot wrap it: {exc}")
                 continue
+            finally:
+                plan.requires_grad = tuple((p, p.requires_grad) for p, _ in flags)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
         kept.append((plan, layer))
     new: dict[int, torch.Tensor] = {}
     for plan, layer in kept:
@@ -1203,6 +1211,8 @@ def _apply(
             if plan.inject:
                 for raw_name in plan.raw_names or (plan.raw_name,):  # every name of the module
                     replace_module(model, raw_name, layer)
+                for p, flag in plan.requires_grad:
+                    p.requires_grad_(flag)
                 report.injected_modules.append(plan.name)
             for leaf in _LORA_LEAVES:
                 key = _key(plan.name, leaf)

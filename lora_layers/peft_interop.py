@@ -433,10 +433,14 @@ def read_peft(
                 out[f"{name}.{slot}"] = t
             continue
         r = int(a.shape[0])
-        expected_r = rank_pattern.get(_peft_pattern_key(rank_pattern, name), r_default)
+        rank_key = _peft_pattern_key(rank_pattern, name)
+        expected_r = rank_pattern.get(rank_key, r_default)
         alpha = alpha_pattern.get(_peft_pattern_key(alpha_pattern, name), alpha_default)
         if r != expected_r:
-            problems.append(f"{name}: lora_A has rank {r} but the config says r={expected_r}")
+            field = "r" if rank_key is None else f"rank_pattern[{rank_key!r}]"
+            problems.append(
+                f"{name}: lora_A has rank {r} but {PEFT_CONFIG_NAME} says {field}={expected_r}"
+            )
         existing = index.get(aliases.get(name, name), ("", None))[1]
         fif = False
         if emb:
