@@ -908,6 +908,8 @@ def inject_lora(
     string with a regex metacharacter such as ``*``, ``(``, ``|``, or an ``re.Pattern``), a
     module type (``nn.Linear``), or ``"all-linear"``: every ``nn.Linear`` (and transformers
     ``Conv1D``) except the output head ``model.get_output_embeddings()``, as PEFT counts it.
+    A module registered under several names (``model.a is model.b``) is targeted when any of
+    its names matches, excluded when any is, and replaced under every name.
 
     Args:
         model: The model to modify in place.
@@ -920,7 +922,8 @@ def inject_lora(
             of every ``qkv_proj``, sizes from the model config) or
             ``{"gate_up_proj": "up"}``; values as in :func:`resolve_fused`. Matched modules
             are targets too; the first matching key wins.
-        exclude_modules: Keys (as targets) of modules never to wrap.
+        exclude_modules: Keys (as targets) of modules never to wrap; a key naming a container
+            (``"encoder"``) excludes every layer inside it. Each key must match some module.
         rank_pattern: ``{key: r}`` overrides of the rank; the first matching key wins;
             ``r=0`` leaves a module out.
         alpha_pattern: ``{key: lora_alpha}`` overrides of alpha; the first matching key wins.
