@@ -401,3 +401,24 @@ def test_peft_conv_adapter_onto_non_zero_padding_is_refused(tmp_path, kind, padd
 
     offenders = [*MODULES, f"padding_mode={padding_mode!r}", "zeros"]
     assert_refused(lambda: import_peft(model, directory), model, directory, offenders)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_non_strict_load_skips_the_overflowing_layer_and_loads_the_rest(tmp_path, kind):
+    source = lora_pair(kind, seed=1, dtype=torch.float16)
+    with torch.no_grad():
+        source.second.lora_A.fill_(200.0)
+        source.second.lora_B.fill_(200.0)
+    path = save_lora(source, tmp_path / "fp16.safetensors")
+    model = lora_layers.merge_lora(lora_pair(kind, dtype=torch.float16))
+    second = {k: v.clone() for k, v in model.second.state_dict(keep_vars=True).items()}
+    merged_second = model.second.merged_weight.clone()
+
+    with pytest.warns(UserWarning, match="second: cannot merge"):
+        report = load_lora(model, path, strict=False)
+
+    assert report.config_mismatches == ["second"] and "first.lora_A" in report.loaded_keys
+    assert torch.equal(model.first.lora_B, source.first.lora_B)
+    assert torch.equal(model.first.merged_weight, model.first.get_merged_weight())
+    assert all(torch.equal(v, model.second.state_dict()[k]) for k, v in second.items())
+    assert torch.equal(model.second.merged_weight, merged_second)
