@@ -38,6 +38,18 @@ IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny shapes gain nothing from threads, and on a shared CPU
+    every parallel region of two threads waits for the other (40x slower steps here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny fp32 Phi-3 saved once; every quantized model here is loaded from it."""
