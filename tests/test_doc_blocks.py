@@ -6,6 +6,8 @@ a fresh temporary working directory, and must print no warning. The documented s
 only changes made to a block before it runs:
 
 * ``/tmp/`` becomes the test's temporary directory;
+* a quoted path ``"examples/...`` is taken from the repository root (the docs' commands
+  run from there);
 * the Hugging Face id ``microsoft/Phi-3-mini-4k-instruct`` becomes ``examples/tiny-phi3-base``,
   the small pretrained Phi-3 shipped with the repository (the same architecture, no
   download), so a block written for the real model runs here as it would there.
@@ -44,7 +46,8 @@ def python_blocks(page: Path) -> list[str]:
 
 def prepared(code: str, tmp: Path) -> str:
     """A block with the documented setup applied (see the module docstring)."""
-    return code.replace("/tmp/", f"{tmp}/").replace(HUB_MODEL, str(TINY_PHI3))
+    code = code.replace("/tmp/", f"{tmp}/").replace('"examples/', f'"{ROOT}/examples/')
+    return code.replace(HUB_MODEL, str(TINY_PHI3))
 
 
 BLOCKS = [
@@ -83,7 +86,11 @@ def test_python_block_runs_without_warnings(
     finally:
         for name in ("transformers", "lora_layers", ""):
             logging.getLogger(name).removeHandler(logged)
-    shown = [w for w in caught if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
+    shown = [
+        w
+        for w in caught
+        if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)
+    ]
     assert not shown, [f"{w.category.__name__}: {w.message}" for w in shown]
     assert not logged.records, [r.getMessage() for r in logged.records]
 
