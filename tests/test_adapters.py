@@ -767,6 +767,72 @@ def test_loralib_state_dict_loads_with_the_same_validation():
         assert_close(ours(TOKENS), theirs(TOKENS))
 
 
+class MSAttention(nn.Module):
+    """The attention of Microsoft's LoRA GPT-2 example (examples/NLG/src/model.py), in short:
+    a fused ``c_attn`` with LoRA on q and v, and the causal mask as a buffer named ``bias``."""
+
+    def __init__(self, lib, n: int = 12, ctx: int = 8) -> None:
+        super().__init__()
+        self.c_attn = lib.MergedLinear(
+            n, 3 * n, r=2, lora_alpha=4, enable_lora=[True, False, True], fan_in_fan_out=True,
+            merge_weights=False,
+        )  # fmt: skip
+        self.register_buffer("bias", torch.tril(torch.ones(ctx, ctx)).view(1, 1, ctx, ctx))
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)  # (B, T, n) each
+        t = x.shape[1]
+        att = (q @ k.transpose(-1, -2)).unsqueeze(1)  # (B, 1, T, T)
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, -1e4).softmax(-1)
+        return (att.squeeze(1) @ v) + x
+
+
+class MSGPT2(nn.Module):
+    def __init__(self, lib) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(20, 12)
+        self.h = nn.ModuleList(nn.ModuleDict({"ln_1": nn.LayerNorm(12)}) for _ in range(2))
+        for block in self.h:
+            block["attn"] = MSAttention(lib)
+        self.ln_f = nn.LayerNorm(12)
+
+    def forward(self, tokens):
+        x = self.wte(tokens)
+        for block in self.h:
+            x = block["attn"](block["ln_1"](x))
+        return self.ln_f(x)
+
+
+def test_loralib_bias_all_state_dict_with_mask_buffers_loads():
+    # loralib.lora_state_dict(model, bias="all") keeps every key containing "bias": the
+    # LayerNorm and c_attn biases, and the attention-mask buffers h.*.attn.bias.
+    torch.manual_seed(0)
+    theirs = MSGPT2(loralib)
+    torch.manual_seed(1)
+    for module in theirs.modules():
+        if isinstance(module, loralib.LoRALayer) and hasattr(module, "lora_A"):
+            fill_lora_(module)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.normal_(module.bias)
+    ours = MSGPT2(lora_layers)
+    ours.load_state_dict(
+        {k: v for k, v in theirs.state_dict().items() if "lora_" not in k and "bias" not in k},
+        strict=False,
+    )
+    state = loralib.lora_state_dict(theirs, bias="all")
+    assert "h.0.attn.bias" in state and "h.1.ln_1.bias" in state
+
+    report = load_lora_state_dict(ours, state)
+
+    assert report.ok and sorted(report.loaded_keys) == sorted(state)
+    theirs.train(), ours.train()
+    with torch.no_grad():
+        assert_close(ours(TOKENS), theirs(TOKENS))
+    bad = {**state, "h.1.attn.bias": torch.ones(1, 1, 4, 4)}  # a mask of the wrong shape
+    with pytest.raises(AdapterLoadError, match="h.1.attn.bias"):
+        load_lora_state_dict(ours, bad)
+
+
 def test_bare_state_dict_cannot_inject_and_says_so():
     sd = lora_state_dict(lora_net())
     with pytest.raises(AdapterLoadError, match="without lora_layers metadata only loads"):

@@ -385,6 +385,35 @@ def test_shared_module_is_replaced_everywhere():
     assert model[0] is model[2] and type(model[0]) is nn.Linear and model[0].weight is shared.weight
 
 
+def test_second_name_of_a_shared_module_is_a_target():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert list(plan_lora(model, "2", r=2)) == ["0"]  # listed under its first name
+    inject_lora(model, "2", r=2)
+    assert model[0] is model[2] and isinstance(model[0], lora_layers.Linear)
+
+
+def test_excluding_a_container_excludes_every_layer_inside_it():
+    model = tiny_phi3()
+    inject_lora(model, "all-linear", exclude_modules="layers.0")
+    names = lora_module_names(model)
+    assert names and not [n for n in names if n.startswith("model.layers.0.")]
+    assert "model.layers.1.self_attn.o_proj" in names
+    # a regex naming containers works the same way; so does a module type
+    model = inject_lora(tiny_phi3(), "all-linear", exclude_modules=r".*\.mlp")
+    assert not [n for n in lora_module_names(model) if ".mlp." in n]
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    with pytest.raises(ValueError, match="no module left to wrap"):
+        inject_lora(tiny_phi3(), "all-linear", exclude_modules=Phi3DecoderLayer)
+
+
+def test_excluding_a_module_no_target_selects_is_allowed():
+    # all-linear already leaves out lm_head; excluding it too (a PEFT habit) is not an error
+    model = inject_lora(tiny_phi3(), "all-linear", exclude_modules=["lm_head", "embed_tokens"])
+    assert "lm_head" not in lora_module_names(model)
+
+
 def test_embedding_and_conv_injection_and_unload_keep_parameters():
     model = nn.Sequential(nn.Embedding(10, 6), nn.Conv1d(6, 4, 3), nn.Conv2d(1, 2, 3))
     params = dict(model.named_parameters())
