@@ -87,7 +87,7 @@ class TrainingConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the split, data order and LoRA init"})
     max_steps: int = field(
-        default=400, metadata={"help": "optimizer steps; 0 means use --num-train-epochs"}
+        default=300, metadata={"help": "optimizer steps; 0 means use --num-train-epochs"}
     )
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "epochs over the training data when --max-steps is 0"}
