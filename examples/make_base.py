@@ -17,7 +17,7 @@ settings, the final pretraining loss, the versions used). The run is seeded and 
 thread, so on one machine it writes the same weights every time; other CPUs or library
 versions may round differently, which is why the result is shipped rather than rebuilt::
 
-    python examples/make_base.py                    # rewrite examples/tiny-phi3-base (~4 min)
+    python examples/make_base.py                    # rewrite examples/tiny-phi3-base (~2 min idle)
     python examples/make_base.py --out-dir /tmp/b   # somewhere else
 """
 
