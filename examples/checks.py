@@ -60,6 +60,24 @@ def check_output_dir(cfg: RunConfig, out_dir: Path) -> tuple[Path | None, dict |
     return checkpoint, resumed
 
 
+def check_quantization(cfg: TrainingConfig) -> None:
+    """``--quantize 4bit|8bit`` needs bitsandbytes (the optional ``qlora`` extra).
+
+    Raises:
+        UserError: If ``--quantize`` asks for a quantized base and bitsandbytes cannot be
+            imported.
+    """
+    if cfg.quantize == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"--quantize {cfg.quantize} needs bitsandbytes, which is not installed: "
+            'pip install -e ".[qlora]"'
+        ) from None
+
+
 def load_conversations(cfg: TrainingConfig) -> tuple[list, list, str]:
     """The training and held-out conversations per ``--data`` / ``--eval-data``.
 

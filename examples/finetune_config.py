@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent
 BASE_MODEL_DIR = EXAMPLES_DIR / "tiny-phi3-base"
 """The shipped pretrained tiny Phi-3 (written by ``make_base.py``): the default ``--model``."""
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("none", "4bit", "8bit")
 ALL_LINEAR = "all-linear"
 
 
@@ -149,6 +151,23 @@ class TrainingConfig:
             "help": "attention kernel (flash_attention_2 needs flash-attn)",
         },
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "metavar": "{" + ",".join(QUANTIZE) + "}",
+            "help": "load the frozen base quantized by bitsandbytes (QLoRA): 4bit = NF4 with "
+            "double quantization computing in --dtype, 8bit = LLM.int8(); the LoRA parameters "
+            'stay --lora-dtype; needs pip install -e ".[qlora]"',
+        },
+    )
+    lora_plus_ratio: float | None = field(
+        default=None,
+        metadata={
+            "metavar": "R",
+            "help": "LoRA+: lora_B learns at R x --learning-rate, lora_A at --learning-rate "
+            "(lora_layers.lora_plus_param_groups; the paper suggests 16). Default: one rate",
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward to save memory"}
     )
@@ -190,6 +209,17 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(
+                f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"
+            )
+        ratio = self.lora_plus_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float)
+            or not (math.isfinite(ratio) and ratio > 0)
+        ):
+            raise ValueError(f"lora_plus_ratio must be a finite number > 0, got {ratio!r}")
         if self.autocast not in ("auto", "on", "off"):
             raise ValueError(f"autocast must be auto, on or off, got {self.autocast!r}")
         if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2"):

@@ -38,6 +38,7 @@ from typing import Any
 import run_files
 from checks import (
     check_output_dir,
+    check_quantization,
     count_steps,
     encode_all,
     load_conversations,
@@ -142,6 +143,7 @@ def fine_tune(cfg: RunConfig, log: run_files.RunLog) -> dict[str, Any]:
     out_dir = Path(tc.output_dir)
 
     # 1. Check everything the user gave before the output folder is touched.
+    check_quantization(tc)
     checkpoint, resumed = check_output_dir(cfg, out_dir)
     train_convs, eval_convs, data_desc = load_conversations(tc)
     model_dir = Path(tc.model).expanduser() if tc.model else BASE_MODEL_DIR
@@ -157,7 +159,9 @@ def fine_tune(cfg: RunConfig, log: run_files.RunLog) -> dict[str, Any]:
     device = training.resolve_device(tc.device)
     model = load_model(model_dir, tc, device)
     chat_data.set_stop_tokens(model, tokenizer)  # generate() stops at <|end|>
-    logger.info("model: %s on %s, %s", model_dir, device, next(model.parameters()).dtype)
+    quantized = "" if tc.quantize == "none" else f" (base quantized {tc.quantize})"
+    dtype = next(model.parameters()).dtype
+    logger.info("model: %s on %s, %s%s", model_dir, device, dtype, quantized)
     run = Run(
         cfg=cfg,
         out_dir=out_dir,
@@ -201,8 +205,10 @@ def fine_tune(cfg: RunConfig, log: run_files.RunLog) -> dict[str, Any]:
 def load_model(model_dir: Path, cfg: TrainingConfig, device: Any) -> Any:
     """Loads the causal LM in ``model_dir`` onto ``device``, in eval mode.
 
-    The one place that knows how the base is loaded (dtype, attention kernel); a quantized
-    base would be one more ``from_pretrained`` argument here.
+    The one place that knows how the base is loaded (dtype, attention kernel, quantization).
+    With ``--quantize`` transformers loads the linear layers as bitsandbytes ``Linear4bit``
+    (NF4, double quantization, computing in the run's dtype) or ``Linear8bitLt``, straight
+    onto ``device``; ``inject_lora`` then wraps them like dense ones (QLoRA).
     """
     import torch
     import training
@@ -215,11 +221,18 @@ def load_model(model_dir: Path, cfg: TrainingConfig, device: Any) -> Any:
     # transformers >= 4.56 calls the dtype argument `dtype`, older versions `torch_dtype`.
     major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if major_minor >= (4, 56) else "torch_dtype"
+    quantization = {}
+    if cfg.quantize != "none":
+        quantization = {
+            "quantization_config": quantization_config(cfg.quantize, dtype),
+            "device_map": {"": str(device)},  # quantized layers cannot move after loading
+        }
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         attn_implementation=cfg.attn_implementation,
         local_files_only=True,
         **{dtype_key: dtype},
+        **quantization,
     )
     if getattr(model.config, "model_type", None) != "phi3":
         logger.warning(
@@ -227,7 +240,25 @@ def load_model(model_dir: Path, cfg: TrainingConfig, device: Any) -> Any:
             model_dir,
             model.config.model_type,
         )
-    return model.to(device).eval()
+    return (model if quantization else model.to(device)).eval()
+
+
+def quantization_config(quantize: str, dtype: Any) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``--quantize 4bit`` or ``8bit``.
+
+    4bit is the QLoRA paper's recipe: NF4 weights, double quantization (the scales quantized
+    too), matrix products computed in ``dtype``.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
 def claim_output_dir(cfg: RunConfig, out_dir: Path, log: run_files.RunLog, resuming: bool) -> None:
@@ -281,8 +312,31 @@ def enable_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
+def build_optimizer(
+    model: Any, lr: float, weight_decay: float, lora_plus_ratio: float | None
+) -> Any:
+    """AdamW over the trainable (LoRA) parameters of ``model``.
+
+    With ``lora_plus_ratio`` (``--lora-plus-ratio``) the parameters come in LoRA+ groups
+    (:func:`lora_layers.lora_plus_param_groups`): ``lora_B`` at ``lr * lora_plus_ratio``,
+    ``lora_A`` at ``lr``. The groups are built in the same order on every run, so a
+    checkpoint's optimizer state loads back into them.
+    """
+    import torch
+
+    import lora_layers
+
+    if lora_plus_ratio is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = lora_layers.lora_plus_param_groups(
+        model, lr, lora_plus_ratio, weight_decay=weight_decay
+    )
+    return torch.optim.AdamW(groups)
+
+
 def make_optimizer(run: Run, checkpoint: Path | None, resumed: dict | None) -> tuple[Any, Any]:
-    """AdamW over the trainable (LoRA) parameters and the warmup-cosine schedule.
+    """AdamW (LoRA+ groups with ``--lora-plus-ratio``) and the warmup-cosine schedule.
 
     A resumed run restores the adapter and AdamW's moments from the checkpoint. The learning
     rate is a function of the step, so the schedule is rebuilt at the resumed step rather than
@@ -292,24 +346,24 @@ def make_optimizer(run: Run, checkpoint: Path | None, resumed: dict | None) -> t
     import training
 
     tc = run.cfg.training
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(run.model, tc.learning_rate, tc.weight_decay, tc.lora_plus_ratio)
     if checkpoint is not None:
         restore_checkpoint(run, checkpoint, resumed, optimizer)
     warmup = round(tc.warmup_ratio * run.total_steps)
     schedule = training.WarmupCosine(run.total_steps, warmup, tc.min_lr_ratio)
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", tc.learning_rate)
+        group.setdefault("initial_lr", group["lr"])  # each LoRA+ group has its own peak
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, schedule, last_epoch=run.start_step - 1
     )
     logger.info(
-        "training %d steps (%d to go): batch %d x %d accumulation, lr %g, warmup %d steps",
+        "training %d steps (%d to go): batch %d x %d accumulation, lr %g%s, warmup %d steps",
         run.total_steps,
         run.total_steps - run.start_step,
         tc.batch_size,
         tc.gradient_accumulation_steps,
         tc.learning_rate,
+        f" (LoRA+: lora_B at {tc.lora_plus_ratio:g} x)" if tc.lora_plus_ratio else "",
         warmup,
     )
     return optimizer, scheduler
@@ -519,6 +573,7 @@ def merge_and_check(run: Run) -> tuple[Any, float, float]:
     with torch.no_grad(), run.autocast():
         adapter_logits = run.model(**inputs).logits.float()
         merged = lora_layers.merge_and_unload(run.model)
+        forget_quantization(merged)
         merged_logits = merged(**inputs).logits.float()
     mask = probe["attention_mask"].bool()
     diff = (adapter_logits[mask] - merged_logits[mask]).abs().max().item()
@@ -527,6 +582,24 @@ def merge_and_check(run: Run) -> tuple[Any, float, float]:
         "merged vs adapter model: max |logit difference| %.2e (logits up to %.1f)", diff, scale
     )
     return merged, diff, scale
+
+
+def forget_quantization(model: Any) -> None:
+    """Marks a merged model from a quantized base as the dense model it now is.
+
+    ``merge_and_unload`` replaces every quantized layer that had LoRA with a dense
+    ``nn.Linear`` (``dequantize(W) + scaling * B @ A``, rounded once); with LoRA on every
+    linear layer nothing quantized is left, but transformers still holds the loading
+    quantizer, and ``save_pretrained`` would write its ``quantization_config``, so loading the
+    merged folder would quantize the merged weights again. Layers without LoRA (a partial
+    ``--target-modules``) stay quantized, and then so does the config.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        return
+    quantizer.remove_quantization_config(model)
 
 
 def save_pretrained(model: Any, tokenizer: Any, folder: Path) -> None:
