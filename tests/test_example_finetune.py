@@ -264,6 +264,26 @@ ERRORS = {
         r"cannot resume .*training\.learning_rate: checkpoint 0\.002, now 0\.01",
     ),
     "resume past the end": (lambda d: ["--resume=latest", "--max-steps=4"], r"past this run's end"),
+    "bad quantize": (
+        lambda d: ["--quantize=3bit"],
+        r"quantize must be one of none, 4bit, 8bit, got '3bit'",
+    ),
+    "zero lora+ ratio": (
+        lambda d: ["--lora-plus-ratio=0"],
+        r"lora_plus_ratio must be a finite number > 0, got 0\.0",
+    ),
+    "nan lora+ ratio": (
+        lambda d: ["--lora-plus-ratio=nan"],
+        r"lora_plus_ratio must be a finite number > 0, got nan",
+    ),
+    "inf lora+ ratio": (
+        lambda d: ["--lora-plus-ratio=inf"],
+        r"lora_plus_ratio must be a finite number > 0, got inf",
+    ),
+    "lora+ on resume": (
+        lambda d: ["--resume=latest", "--lora-plus-ratio=16"],
+        r"cannot resume .*training\.lora_plus_ratio: checkpoint None, now 16\.0",
+    ),
 }
 
 
@@ -273,7 +293,8 @@ def test_user_error_is_one_line_exit_2_and_changes_nothing(
 ) -> None:
     make_args, message = ERRORS[name]
     args = [a.replace("checkpoints/", f"{earlier_run}/checkpoints/") for a in make_args(tmp_path)]
-    if name not in ("earlier run", "missing checkpoint", "changed setting", "resume past the end"):
+    resuming = ("missing checkpoint", "changed setting", "resume past the end", "lora+ on resume")
+    if name != "earlier run" and name not in resuming:
         args.append("--overwrite")  # a bad input must stop even a run allowed to overwrite
     before = snapshot(earlier_run)
     capsys.readouterr()
@@ -284,6 +305,23 @@ def test_user_error_is_one_line_exit_2_and_changes_nothing(
     assert err.startswith("finetune_phi3.py: error: ")
     assert re.search(message, err), err
     assert snapshot(earlier_run) == before  # every file of the earlier run byte-identical
+
+
+def test_quantize_without_bitsandbytes_is_one_line_and_changes_nothing(
+    earlier_run: Path,
+    base_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises
+    before = snapshot(earlier_run)
+    capsys.readouterr()
+    assert run(earlier_run, base_dir, "--quantize=4bit", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--quantize 4bit needs bitsandbytes" in err
+    assert 'pip install -e ".[qlora]"' in err
+    assert snapshot(earlier_run) == before
 
 
 def test_user_error_in_a_new_folder_goes_to_train_log(tmp_path: Path, base_dir: Path) -> None:
@@ -456,6 +494,105 @@ def test_qv_only_puts_lora_on_q_and_v_slices_of_qkv(tmp_path: Path, base_dir: Pa
     # q is 4 heads x 8, v is 2 kv-heads x 8: two rank-16 blocks of A, B rows for q and v only.
     assert adapter.tensors["model.layers.0.self_attn.qkv_proj.lora_A"].shape == (2 * 16, 32)
     assert adapter.tensors["model.layers.0.self_attn.qkv_proj.lora_B"].shape == (32 + 16, 16)
+
+
+# --------------------------------------------------------------------------- --quantize, LoRA+
+QUICK = ("--eval-steps=0", "--save-steps=0", "--threads=1")  # QLoRA on CPU: one thread
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits.float()
+
+
+def test_quantize_4bit_trains_and_its_adapter_loads_onto_the_dense_base(
+    tmp_path: Path, base_dir: Path
+) -> None:
+    assert run(tmp_path, base_dir, "--quantize=4bit", "--max-steps=3", *QUICK) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["training"]["quantize"] == "4bit"
+    assert "(base quantized 4bit)" in (tmp_path / "train.log").read_text()
+    # The merge is dense and exact on the 4-bit model: dequantize(W) + s * B @ A, rounded once.
+    assert metrics_of(tmp_path)["merged_max_abs_logit_diff"] < 1e-4
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_config
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    kinds = {type(m).__name__ for m in merged.modules()}
+    assert "Linear" in kinds and not {"Linear4bit", "Linear8bitLt"} & kinds
+    # The adapter trained on the 4-bit base loads onto the dense fp32 base, and changes its
+    # logits as it changes the 4-bit base's (up to the base's 4-bit rounding).
+    path = tmp_path / "adapter" / "adapter.safetensors"
+    adapter = lora_layers.read_adapter(path)
+    assert all(t.dtype == torch.float32 for t in adapter.tensors.values())  # fp32 LoRA
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense = AutoModelForCausalLM.from_pretrained(base_dir)
+    dense_logits = _logits(dense, ids)
+    assert lora_layers.load_lora(dense, path).ok
+    adapted = _logits(dense, ids)
+    assert torch.isfinite(adapted).all()
+    quantized = finetune_phi3.load_model(
+        base_dir, finetune_config.TrainingConfig(quantize="4bit"), torch.device("cpu")
+    )
+    effect_dense = adapted - dense_logits
+    effect_4bit = _logits(merged, ids) - _logits(quantized, ids)
+    assert effect_dense.abs().max() > 1e-2  # the adapter changes the dense model
+    relative = (effect_dense - effect_4bit).norm() / effect_4bit.norm()
+    assert relative < 0.5, relative  # a misplaced adapter would give about 1.4
+
+
+def test_quantize_8bit_trains_and_merges_to_dense(tmp_path: Path, base_dir: Path) -> None:
+    assert run(tmp_path, base_dir, "--quantize=8bit", "--max-steps=2", *QUICK) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not {"Linear4bit", "Linear8bitLt"} & {type(m).__name__ for m in merged.modules()}
+    dense = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert lora_layers.load_lora(dense, tmp_path / "adapter" / "adapter.safetensors").ok
+
+
+def test_build_optimizer_lora_plus_groups() -> None:
+    config = make_base.phi3_config(TINY_BASE, make_base.build_tokenizer())
+    model = AutoModelForCausalLM.from_config(config)
+    lora_layers.inject_lora(model, target_modules="all-linear", r=2)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    optimizer = finetune_phi3.build_optimizer(model, 1e-3, 0.01, 4.0)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"lora_A", "lora_B"}
+    assert groups["lora_A"]["lr"] == 1e-3 and groups["lora_B"]["lr"] == 4e-3
+    assert all(g["weight_decay"] == 0.01 for g in groups.values())
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("lora_B") for p in groups["lora_B"]["params"])
+    assert all(names[id(p)].endswith("lora_A") for p in groups["lora_A"]["params"])
+    in_groups = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(in_groups) == sorted(trainable)  # each trainable parameter exactly once
+    plain = finetune_phi3.build_optimizer(model, 1e-3, 0.01, None)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 1e-3
+
+
+def test_lora_plus_run_resumes_exactly(tmp_path: Path, base_dir: Path) -> None:
+    args = ("--lora-plus-ratio=4", "--max-steps=4", "--save-steps=2", "--eval-steps=0")
+    assert run(tmp_path / "full", base_dir, *args) == 0
+    ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
+    state = torch.load(ckpt / run_files.STATE_FILE, map_location="cpu", weights_only=True)
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert groups["lora_B"]["initial_lr"] == 4 * groups["lora_A"]["initial_lr"] == 4 * 2e-3
+    assert groups["lora_B"]["lr"] == pytest.approx(4 * groups["lora_A"]["lr"])
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / "step-000002")
+    assert run(tmp_path / "resumed", base_dir, *args, "--resume=latest") == 0
+    full = history_of(tmp_path / "full" / "checkpoints" / "step-000004")
+    resumed = history_of(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    for a, b in zip(full, resumed, strict=True):
+        assert b["lr"] == a["lr"] and b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    final_a = lora_layers.read_adapter(tmp_path / "full" / "adapter" / "adapter.safetensors")
+    final_b = lora_layers.read_adapter(tmp_path / "resumed" / "adapter" / "adapter.safetensors")
+    for key, value in final_a.tensors.items():
+        torch.testing.assert_close(final_b.tensors[key], value, rtol=0, atol=1e-6)
+    # LoRA+ changed the training: B moved further than with one learning rate.
+    assert (
+        run(tmp_path / "plain", base_dir, "--max-steps=4", "--save-steps=0", "--eval-steps=0") == 0
+    )
+    plain = lora_layers.read_adapter(tmp_path / "plain" / "adapter" / "adapter.safetensors")
+    b_norm = sum(v.norm() for k, v in final_a.tensors.items() if k.endswith("lora_B"))
+    plain_b_norm = sum(v.norm() for k, v in plain.tensors.items() if k.endswith("lora_B"))
+    assert b_norm > 1.5 * plain_b_norm
 
 
 # --------------------------------------------------------------------------- minimal.py, the base
