@@ -537,7 +537,7 @@ def test_quantize_4bit_trains_and_its_adapter_loads_onto_the_dense_base(
     effect_4bit = _logits(merged, ids) - _logits(quantized, ids)
     assert effect_dense.abs().max() > 1e-2  # the adapter changes the dense model
     relative = (effect_dense - effect_4bit).norm() / effect_4bit.norm()
-    assert relative < 0.5, relative  # a misplaced adapter would give about 1.4
+    assert relative < 0.2, relative  # 0.04 measured: the two effects agree to 4%
 
 
 def test_quantize_8bit_trains_and_merges_to_dense(tmp_path: Path, base_dir: Path) -> None:
