@@ -21,8 +21,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
-__all__ = ["LoRALinearFunction", "lora_linear", "pack_bits", "unpack_bits"]
+__all__ = [
+    "LoRALinearFunction",
+    "keep_mask",
+    "lora_linear",
+    "pack_bits",
+    "transforms_active",
+    "unpack_bits",
+]
 
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
 
@@ -78,6 +86,20 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return bits.view(-1)[: shape.numel()].view(shape).view(torch.bool)
 
 
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Draw the fast path's dropout keep-mask from torch's global generator.
+
+    Args:
+        shape: Shape of the mask (the input's).
+        p: Drop probability in ``[0, 1)``.
+        device: Device of the mask.
+
+    Returns:
+        A bool tensor of ``shape``: True where the element is kept (probability ``1 - p``).
+    """
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Base linear plus per-slice LoRA update, with a lean backward.
 
@@ -100,7 +122,7 @@ class LoRALinearFunction(torch.autograd.Function):
         # Inverted dropout's 1 / (1 - p) is folded into the scale of every LoRA product.
         alpha = scaling / (1.0 - p)
         if p > 0:
-            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+            keep = keep_mask(x.shape, p, x.device)
             h = torch.mm(torch.where(keep, x, _zero(x)), lora_A.t())  # (N, R), no 1 / (1 - p)
             packed = pack_bits(keep)
             del keep
@@ -142,6 +164,13 @@ class LoRALinearFunction(torch.autograd.Function):
                 b_blocks.append(lora_B[b_row : b_row + stop - start])
                 b_row += stop - start
 
+        keep = unpack_bits(packed, x.shape) if packed is not None else None
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward: HVPs, gradient penalties, MAML): the saved h
+            # has no graph, so grad_B would miss its dependence on x and lora_A. Recompute it
+            # from the saved inputs and the same mask, so every op below is recorded.
+            h = torch.mm(x if keep is None else torch.where(keep, x, _zero(x)), lora_A.t())
+
         grad_B = None
         if need_bb:
             parts = [
@@ -155,7 +184,6 @@ class LoRALinearFunction(torch.autograd.Function):
             parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
             u = parts[0] if single else torch.cat(parts, dim=1)
 
-        keep = unpack_bits(packed, x.shape) if packed is not None else None
         grad_A = None
         if need_a:
             xd = x if keep is None else torch.where(keep, x, _zero(x))
@@ -175,6 +203,15 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_w = torch.mm(x.t(), g) if ctx.fan_in_fan_out else torch.mm(g.t(), x)
         grad_bias = g.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, jacrev, ...) or forward AD is active.
+
+    :class:`LoRALinearFunction` saves an intermediate and draws its own dropout mask, which
+    functorch cannot batch or differentiate forward, so these run the plain path instead.
+    """
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def _plain_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out, slices):
@@ -228,6 +265,7 @@ def lora_linear(
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     fast = (
         not torch.compiler.is_compiling()
+        and not transforms_active()
         and x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype
         and not torch.is_autocast_enabled(x.device.type)
         and x.dim() >= 1
