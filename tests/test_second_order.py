@@ -84,10 +84,11 @@ def run(layer, x, A, B):
 
 
 def drop_scale(layer, x: torch.Tensor, fast: bool) -> torch.Tensor | None:
-    """The dropout factor ``keep / (1 - p)`` a seeded forward applies, or None (no dropout).
+    """The dropout factor ``keep / P(keep)`` a seeded forward applies, or None (no dropout).
 
     The fast path (Linear / MergedLinear outside torch.func transforms) draws its mask with
-    ``lora_layers.functional.keep_mask``; the plain path with ``nn.Dropout``.
+    ``lora_layers.functional.keep_mask`` (keep probability ``dropout_keep_probability(p)``);
+    the plain path with ``nn.Dropout`` (``1 - p``).
     """
     p = layer.dropout_p if layer.training else 0.0
     if p == 0.0:
@@ -95,7 +96,7 @@ def drop_scale(layer, x: torch.Tensor, fast: bool) -> torch.Tensor | None:
     torch.manual_seed(SEED)
     if fast:
         keep = lf.keep_mask((x[..., 0].numel(), x.shape[-1]), p, x.device).view(x.shape)
-        return keep.to(x.dtype) / (1 - p)
+        return keep.to(x.dtype) / lf.dropout_keep_probability(p)
     return F.dropout(torch.ones_like(x), p)
 
 
