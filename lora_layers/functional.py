@@ -151,8 +151,11 @@ def dropout_keep_probability(p: float) -> float:
 def _draw_keep(n: int, p: float, device: torch.device) -> torch.Tensor:
     """``ceil(n / 8) * 8`` keep flags (bool, flat): 16 random bits each, thresholded."""
     n_pad = -(-n // 8) * 8
-    words = torch.empty(n_pad // 4, dtype=torch.int64, device=device)
-    words.random_(-(1 << 63), None)  # 64 uniform random bits per word: four decisions
+    # ~64 uniform random bits per word (all int64 values but one): four decisions each.
+    # Out of place, so torch.compile traces it (the plain path draws the same mask).
+    words = torch.randint(
+        -(1 << 63), (1 << 63) - 1, (n_pad // 4,), dtype=torch.int64, device=device
+    )
     # int16 values are uniform on [-2**15, 2**15): P(value < t) = round(p * 2**16) / 2**16.
     threshold = round(p * (1 << _RANDOM_BITS)) - (1 << (_RANDOM_BITS - 1))
     return words.view(torch.int16) >= threshold
@@ -391,10 +394,21 @@ def _replay_backward(ctx, g, x, weight, lora_A, lora_B, keep):
     return (*result, None, None, None, None, None, None)
 
 
+def _plain_dropout(x: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+    """``dropout(x)`` with the fast path's mask (same seed, same mask as eager fast path runs),
+    except under torch.func transforms, where ``nn.Dropout`` honours vmap's ``randomness``."""
+    if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+        return dropout(x)
+    if transforms_active():
+        return dropout(x)
+    keep = keep_mask(x.shape, dropout.p, x.device)
+    return torch.where(keep, x, 0.0) * (1.0 / dropout_keep_probability(dropout.p))
+
+
 def _plain_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out, slices):
     w = weight.t() if fan_in_fan_out else weight
     out = F.linear(x, w, bias)  # (..., out)
-    h = F.linear(dropout(x).to(lora_A.dtype), lora_A)  # (..., R)
+    h = F.linear(_plain_dropout(x, dropout).to(lora_A.dtype), lora_A)  # (..., R)
     out_features = out.shape[-1]
     r = lora_B.shape[1]
     if len(slices) == 1 and slices[0] == (0, out_features):
