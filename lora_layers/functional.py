@@ -66,11 +66,18 @@ _PACK_MAGIC = 0x0102040810204080
 _RANDOM_BITS = 16  # random bits per dropout decision
 
 
+def _cache(cache: dict, key: object, value: torch.Tensor) -> None:
+    """Cache a real tensor; never one made under a fake-tensor or other dispatch mode (it
+    would leak into later calls outside that mode)."""
+    if type(value) is torch.Tensor and value.device.type != "meta":
+        cache[key] = value
+
+
 def _shifts(device: torch.device) -> torch.Tensor:
     shifts = _SHIFTS_CACHE.get(device)
     if shifts is None:
         shifts = torch.arange(8, dtype=torch.uint8, device=device)
-        _SHIFTS_CACHE[device] = shifts
+        _cache(_SHIFTS_CACHE, device, shifts)
     return shifts
 
 
@@ -80,7 +87,7 @@ def _unpack_table(device: torch.device) -> torch.Tensor:
     if table is None:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
         table = bits.to(torch.uint8).contiguous().view(torch.int64).view(256).to(device)
-        _UNPACK_CACHE[device] = table
+        _cache(_UNPACK_CACHE, device, table)
     return table
 
 
@@ -90,7 +97,7 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     zero = _ZERO_CACHE.get(key)
     if zero is None:
         zero = torch.zeros((), dtype=like.dtype, device=like.device)
-        _ZERO_CACHE[key] = zero
+        _cache(_ZERO_CACHE, key, zero)
     return zero
 
 

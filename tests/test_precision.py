@@ -297,19 +297,40 @@ def test_saved_bytes_are_input_once_plus_h_and_bit_mask(setting, p):
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_saved_bytes_targets_at_phi3_proportions(setting):
-    """Issue 11's targets, extra saved bytes over the frozen base in the same setting as a
-    multiple of the input: <= 0.02 at p=0 and <= 0.08 at p=0.05, at in = 3072, r = 16 (the
-    ratios do not depend on the token count; the weight is a zero-size stand-in)."""
-    base, lora, auto = SETTINGS[setting]
-    n, n_in, r = 1024, 3072, 16
-    x_bytes = n * n_in * base.itemsize
-    _, ld = compute_dtypes(setting)
+def test_saved_bytes_targets_at_phi3_shape(setting):
+    """Issue 11's targets at o_proj 3072->3072, 1024 tokens, r=16: extra bytes saved over the
+    frozen base in the same setting, beyond the input's own storage, <= 0.02 x the input at
+    p=0 and <= 0.08 at p=0.05. The input is a fake tensor (shapes only), so this is cheap."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    base, lora, _ = SETTINGS[setting]
     for p, target in ((0.0, 0.02), (0.05, 0.08)):
-        extra = n * r * ld.itemsize + (n * n_in // 8 if p else 0)
-        assert extra / x_bytes <= target
-    # and the formula is what the layer saves (checked exactly at a small shape above)
-    assert math.isclose((1024 * 16 * 4) / (1024 * 3072 * 2), 0.0104, rel_tol=1e-2)
+        with FakeTensorMode():
+            lin = nn.Linear(3072, 3072, bias=False, dtype=base).requires_grad_(False)
+            layer = lora_layers.Linear.from_module(lin, r=16, lora_dropout=p, lora_dtype=lora)
+            x = torch.randn(1024, 3072, dtype=base, requires_grad=True)
+            exclude = [*layer.parameters(), x]
+            with autocast_ctx(setting):
+                ours = _saved_bytes_by_storage(lambda: layer.train()(x), exclude)  # noqa: B023
+                frozen = _saved_bytes_by_storage(lambda: lin(x), exclude)  # noqa: B023
+        extra = (ours - frozen) / (x.numel() * x.element_size())
+        assert 0 < extra <= target, (p, extra)
+
+
+def _saved_bytes_by_storage(fn, exclude) -> int:
+    """Like ``saved_tensor_bytes``, keyed by storage identity (fake tensors have no data)."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 # ----------------------------------------------------------------------------- dropout mask
