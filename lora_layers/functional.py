@@ -66,39 +66,48 @@ _PACK_MAGIC = 0x0102040810204080
 _RANDOM_BITS = 16  # random bits per dropout decision
 
 
-def _cache(cache: dict, key: object, value: torch.Tensor) -> None:
-    """Cache a real tensor; never one made under a fake-tensor or other dispatch mode (it
-    would leak into later calls outside that mode)."""
-    if type(value) is torch.Tensor and value.device.type != "meta":
-        cache[key] = value
+def _cached(cache: dict, key: object, like: torch.Tensor, make) -> torch.Tensor:
+    """``cache[key]``, made by ``make()`` on first use, for a plain tensor ``like``.
+
+    For any other tensor (a fake, meta or functorch-wrapped one) the constant is made afresh
+    and not cached, so a fake-tensor trace never leaves fake state behind and never meets a
+    real cached tensor.
+    """
+    if type(like) is not torch.Tensor or like.device.type == "meta":
+        return make()
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+    return value
 
 
-def _shifts(device: torch.device) -> torch.Tensor:
-    shifts = _SHIFTS_CACHE.get(device)
-    if shifts is None:
-        shifts = torch.arange(8, dtype=torch.uint8, device=device)
-        _cache(_SHIFTS_CACHE, device, shifts)
-    return shifts
+def _shifts(like: torch.Tensor) -> torch.Tensor:
+    return _cached(
+        _SHIFTS_CACHE,
+        like.device,
+        like,
+        lambda: torch.arange(8, dtype=torch.uint8, device=like.device),
+    )
 
 
-def _unpack_table(device: torch.device) -> torch.Tensor:
+def _unpack_table(like: torch.Tensor) -> torch.Tensor:
     """(256,) int64: entry ``v`` holds bit ``i`` of ``v`` in byte ``i`` (8 bools as a word)."""
-    table = _UNPACK_CACHE.get(device)
-    if table is None:
+
+    def make() -> torch.Tensor:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
-        table = bits.to(torch.uint8).contiguous().view(torch.int64).view(256).to(device)
-        _cache(_UNPACK_CACHE, device, table)
-    return table
+        return bits.to(torch.uint8).contiguous().view(torch.int64).view(256).to(like.device)
+
+    return _cached(_UNPACK_CACHE, like.device, like, make)
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
     """A cached 0-dim zero of ``like``'s dtype and device (``torch.where`` without a cast)."""
-    key = (like.dtype, like.device)
-    zero = _ZERO_CACHE.get(key)
-    if zero is None:
-        zero = torch.zeros((), dtype=like.dtype, device=like.device)
-        _cache(_ZERO_CACHE, key, zero)
-    return zero
+    return _cached(
+        _ZERO_CACHE,
+        (like.dtype, like.device),
+        like,
+        lambda: torch.zeros((), dtype=like.dtype, device=like.device),
+    )
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +126,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         flat = F.pad(flat, (0, pad))
     if _LITTLE_ENDIAN:
         return _pack_words(flat)
-    return (flat.view(-1, 8) << _shifts(mask.device)).sum(1, dtype=torch.uint8)
+    return (flat.view(-1, 8) << _shifts(mask)).sum(1, dtype=torch.uint8)
 
 
 def _pack_words(flat: torch.Tensor) -> torch.Tensor:
@@ -137,9 +146,9 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         A bool tensor of ``shape``.
     """
     if _LITTLE_ENDIAN:
-        words = _unpack_table(packed.device)[packed.to(torch.int32)]  # (numel/8,) int64
+        words = _unpack_table(packed)[packed.to(torch.int32)]  # (numel/8,) int64
         return words.view(torch.bool)[: shape.numel()].view(shape)
-    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1  # (numel/8, 8)
+    bits = (packed.unsqueeze(1) >> _shifts(packed)) & 1  # (numel/8, 8)
     return bits.view(-1)[: shape.numel()].view(shape).view(torch.bool)
 
 

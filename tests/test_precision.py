@@ -410,3 +410,21 @@ def test_fp32_fwd_bwd_aten_op_count_stays_at_53():
     ops = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
     assert sum(ops.values()) <= 53, ops
     assert ops["aten::mm"] + ops["aten::addmm"] + ops["aten::addmm_"] == 8
+
+
+def test_a_fake_tensor_forward_leaves_no_fake_state_behind():
+    """The fast path caches small constants; one made under FakeTensorMode must not leak."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    for setting in ("a-bf16", "b-bf16-fp32"):
+        with FakeTensorMode():
+            layer, x = make("linear", setting, 0.3)
+            layer(x).sum().backward()
+        layer, x = make("linear", setting, 0.3)
+        x.requires_grad_()
+        y = run(layer, x, setting)
+        y.sum().backward()
+        assert type(y) is torch.Tensor and not isinstance(x.grad, FakeTensor)
+        ref = dense(layer, x.detach(), layer.lora_A, layer.lora_B, setting, seeded_keep(layer, x))
+        rtol, atol = tolerance(setting)
+        torch.testing.assert_close(y.detach().double(), ref.detach(), rtol=rtol, atol=atol)
