@@ -21,6 +21,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .fused import fuse_separate, split_fused
 from .linear import Linear
+from .lora_plus import lora_plus_param_groups
 from .merged import MergedLinear
 from .peft_interop import export_peft, import_peft
 from .surgery import (
@@ -73,6 +74,7 @@ __all__ = [
     "load_lora",
     "load_lora_state_dict",
     "lora_module_names",
+    "lora_plus_param_groups",
     "lora_modules",
     "lora_state_dict",
     "mark_only_lora_as_trainable",

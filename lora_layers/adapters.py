@@ -20,6 +20,7 @@ and fused <-> separate conversion in :mod:`lora_layers.fused`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -42,7 +43,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear, _check_slices
-from .surgery import FusedSpec, InjectSpec, replace_module, wrap_module
+from .surgery import FusedSpec, InjectSpec, _is_hf_conv1d, replace_module, wrap_module
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = [
@@ -79,6 +80,9 @@ _LAYERS: dict[str, tuple[type, type]] = {
 }
 _CONV_DIMS = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}
 _LORA_LEAVES = ("lora_A", "lora_B")
+# The dtypes an adapter tensor may have (float8 and friends have no LoRA arithmetic here).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES)
 
 
 class AdapterError(ValueError):
@@ -172,6 +176,29 @@ def _module_index(model: nn.Module) -> tuple[dict[str, tuple[str, nn.Module]], l
     return index, collisions
 
 
+def _module_aliases(
+    model: nn.Module, index: Mapping[str, tuple[str, nn.Module]]
+) -> tuple[dict[str, str], dict[int, list[str]]]:
+    """Names of modules registered more than once (``model.a is model.b``).
+
+    Returns:
+        ``{alias: name}`` mapping every further normalised name of a module to the name it
+        has in ``index`` (its first, in ``named_modules`` order), and ``{id(module): raw
+        names}`` listing every dotted path a module is reachable under.
+    """
+    canonical: dict[int, str] = {}
+    for norm, (_, module) in index.items():
+        canonical.setdefault(id(module), norm)
+    aliases: dict[str, str] = {}
+    raw_names: dict[int, list[str]] = {}
+    for raw, module in model.named_modules(remove_duplicate=False):
+        raw_names.setdefault(id(module), []).append(raw)
+        norm = _normalize_name(raw)
+        if norm not in index and id(module) in canonical:
+            aliases.setdefault(norm, canonical[id(module)])
+    return aliases, raw_names
+
+
 def _layer_type(module: nn.Module) -> str | None:
     """The lora_layers type name of ``module`` (``"MergedLinear"``, ...), or None."""
     if isinstance(module, MergedLinear):
@@ -190,7 +217,7 @@ def _dtype_from_name(name: object) -> torch.dtype | None:
     if not isinstance(name, str):
         return None
     dtype = getattr(torch, name, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    return dtype if dtype in _DTYPES else None
 
 
 def _is_int(value: object) -> bool:
@@ -305,6 +332,9 @@ class LayerSpec:
                 check_lora_args(self.r, self.lora_alpha, self.lora_dropout)
             except (TypeError, ValueError) as exc:
                 out.append(str(exc))
+            else:
+                if not math.isfinite(self.lora_alpha):
+                    out.append(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         for name in ("in_features", "out_features"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
@@ -313,7 +343,7 @@ class LayerSpec:
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if _dtype_from_name(self.dtype) is None:
-            out.append(f"dtype must name a torch floating dtype, got {self.dtype!r}")
+            out.append(f"dtype must be one of {_DTYPE_NAMES}, got {self.dtype!r}")
         shape = self.weight_shape
         if not isinstance(shape, tuple) or not all(_is_int(s) and s > 0 for s in shape):
             out.append(f"weight_shape must be a list of positive ints, got {shape!r}")
@@ -814,15 +844,24 @@ class AdapterLoadError(AdapterError):
 # --------------------------------------------------------------------------- loading
 @dataclass
 class _ModulePlan:
-    name: str  # normalised
+    name: str  # normalised, as in the file
     raw_name: str  # in the model
     module: nn.Module  # the LoRA layer, or the plain layer to wrap
     spec: LayerSpec | None  # the file's spec (None for bare state dicts)
     inject: bool
+    raw_names: tuple[str, ...] = ()  # every name the module has in the model (aliases)
+    # requires_grad the wrapped module's Parameters get once the new layer is swapped in
+    requires_grad: tuple[tuple[nn.Parameter, bool], ...] = ()
 
 
 def _check_tensor(report: LoadReport, key: str, t: torch.Tensor) -> bool:
-    if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+    if t.dtype not in _DTYPES:
+        report.errors.append(
+            f"{key}: dtype {_dtype_name(t.dtype)} is not supported (adapter tensors must be "
+            f"{_DTYPE_NAMES})"
+        )
+        return False
+    if t.device.type != "meta" and not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
         report.errors.append(f"{key}: holds {bad} NaN/Inf values")
         return False
@@ -844,8 +883,13 @@ def _plan_module(
     spec: LayerSpec | None,
     inject: bool,
     claimed: set[str],
+    model_name: str,
 ) -> _ModulePlan | None:
-    """Check one adapter module against the file and the model; return a plan when loadable."""
+    """Check one adapter module against the file and the model; return a plan when loadable.
+
+    ``name`` is the module's name in the file, ``model_name`` its name in ``index`` (they
+    differ when the file names a second name of a module registered twice).
+    """
     ok = True
     keys = [_key(name, leaf) for leaf in _LORA_LEAVES]
     shapes = spec.lora_shapes() if spec is not None else (None, None)
@@ -870,7 +914,7 @@ def _plan_module(
             ok = False
         ok = _check_tensor(report, key, t) and ok
     present = [k for k in keys if k in adapter.tensors]
-    entry = index.get(name)
+    entry = index.get(model_name)
     if entry is None:
         for key in present:
             report._add("unexpected_keys", key, f"the model has no module named {name!r}")
@@ -912,22 +956,32 @@ def _plan_module(
             "config_mismatches", name, f"is a plain {kind} and inject=False; the file has LoRA"
         )
         return None
-    if not isinstance(module, base_cls):
+    if base_cls is nn.Linear and _is_hf_conv1d(module):
+        # transformers' Conv1D (GPT-2) is a linear layer storing its weight (in, out).
+        if not spec.fan_in_fan_out:
+            report._add(
+                "config_mismatches",
+                name,
+                f"the model's module is a transformers Conv1D (weight stored (in, out)), but the "
+                f"file's {spec.layer} adapter has fan_in_fan_out=False",
+            )
+            return None
+    elif not isinstance(module, base_cls):
         report._add(
             "config_mismatches",
             name,
             f"the file has a {spec.layer} adapter but the model's module is a {kind}",
         )
         return None
-    if not raw_name:
-        report._add("config_mismatches", name, "cannot replace the root module itself")
-        return None
-    if spec.fan_in_fan_out:
+    elif spec.fan_in_fan_out:
         report._add(
             "config_mismatches",
             name,
             "fan_in_fan_out=True adapters cannot be injected into a plain nn.Linear",
         )
+        return None
+    if not raw_name:
+        report._add("config_mismatches", name, "cannot replace the root module itself")
         return None
     if _shape(module.weight) != spec.weight_shape:
         report._add(
@@ -940,13 +994,30 @@ def _plan_module(
     return _ModulePlan(name, raw_name, module, spec, inject=True) if ok else None
 
 
+def _same_adapter(adapter: Adapter, name: str, other: str) -> bool:
+    """Whether the file gives modules ``name`` and ``other`` identical adapters."""
+    specs = adapter.modules or {}
+    if specs.get(name) != specs.get(other):
+        return False
+    for leaf in _LORA_LEAVES:
+        a, b = adapter.tensors.get(_key(name, leaf)), adapter.tensors.get(_key(other, leaf))
+        if a is None or b is None or a.dtype != b.dtype or not torch.equal(a, b):
+            return False
+    return True
+
+
+# (key, the model's parameter or buffer, the file's tensor, the module holding it)
+_ParamLoad = tuple[str, torch.Tensor, torch.Tensor, nn.Module]
+
+
 def _validate(
     model: nn.Module, adapter: Adapter, inject: bool
-) -> tuple[LoadReport, list[_ModulePlan], list[tuple[str, nn.Parameter, torch.Tensor, nn.Module]]]:
+) -> tuple[LoadReport, list[_ModulePlan], list[_ParamLoad]]:
     report = LoadReport(source=adapter.source)
     report.errors += adapter.problems
     index, collisions = _module_index(model)
     report.errors += collisions
+    aliases, raw_names = _module_aliases(model, index)
     claimed: set[str] = set()
     plans: list[_ModulePlan] = []
     if adapter.modules is not None:
@@ -957,24 +1028,39 @@ def _validate(
             name, leaf = _split_key(key)
             if leaf in _LORA_LEAVES:
                 names.setdefault(name, None)
+    first_name: dict[str, str] = {}  # model name -> the file name that claimed it
     for name, spec in names.items():
-        plan = _plan_module(report, adapter, index, name, spec, inject, claimed)
+        model_name = aliases.get(name, name)
+        if model_name in first_name:
+            # Two names of one module (model.a is model.b): one adapter, loaded once.
+            other = first_name[model_name]
+            claimed.update(_key(name, leaf) for leaf in _LORA_LEAVES)
+            if not _same_adapter(adapter, name, other):
+                report._add(
+                    "config_mismatches",
+                    name,
+                    f"{name!r} and {other!r} are one module in the model (registered under both "
+                    "names), but the file gives them different adapters",
+                )
+            continue
+        first_name[model_name] = name
+        plan = _plan_module(report, adapter, index, name, spec, inject, claimed, model_name)
         if plan is not None:
+            plan.raw_names = tuple(raw_names.get(id(plan.module), [plan.raw_name]))
             plans.append(plan)
     for name in adapter.invalid_modules:
         claimed.update(_key(name, leaf) for leaf in _LORA_LEAVES)
+    covered = set(first_name) | {aliases.get(n, n) for n in adapter.invalid_modules}
     # LoRA layers of the model the file says nothing about.
     for norm, (_, module) in index.items():
-        if isinstance(module, LoRALayer) and module.r > 0 and norm not in names:
-            if norm in adapter.invalid_modules:
-                continue
+        if isinstance(module, LoRALayer) and module.r > 0 and norm not in covered:
             for leaf in _LORA_LEAVES:
                 report._add(
                     "missing_keys",
                     _key(norm, leaf),
                     "the model has a LoRA layer here but the file has no adapter for it",
                 )
-    params: list[tuple[str, nn.Parameter, torch.Tensor, nn.Module]] = []
+    params: list[_ParamLoad] = []
     for leaf, names in (("bias", adapter.biases), ("weight", adapter.base_weights)):
         for name in names:
             key = _key(name, leaf)
@@ -983,14 +1069,30 @@ def _validate(
                 continue
             claimed.add(key)
             t = adapter.tensors[key]
-            entry = index.get(name)
-            param = entry[1]._parameters.get(leaf) if entry is not None else None
+            entry = index.get(aliases.get(name, name))
+            module = entry[1] if entry is not None else None
+            param = module._parameters.get(leaf) if module is not None else None
+            if param is None and module is not None and leaf == "bias":
+                # loralib's lora_state_dict(bias="all") keeps every key containing "bias",
+                # e.g. the causal-mask buffer ``attn.bias`` of its GPT-2 example.
+                buffer = module._buffers.get(leaf)
+                if buffer is not None and leaf not in module._non_persistent_buffers_set:
+                    if _shape(t) != _shape(buffer) or t.dtype != buffer.dtype:
+                        report._add(
+                            "shape_mismatches",
+                            key,
+                            f"file {_shape(t)} {t.dtype}, model buffer {_shape(buffer)} "
+                            f"{buffer.dtype}",
+                        )
+                    else:
+                        params.append((key, buffer, t, module))
+                    continue
             if param is None:
                 report._add("unexpected_keys", key, f"the model has no parameter {key!r}")
             elif _shape(t) != _shape(param):
                 report._add("shape_mismatches", key, f"file {_shape(t)}, model {_shape(param)}")
             elif _check_tensor(report, key, t):
-                params.append((key, param, t, entry[1]))
+                params.append((key, param, t, module))
     for key in adapter.tensors:
         if key not in claimed:
             why = (
@@ -1020,19 +1122,97 @@ def _wrap(module: nn.Module, spec: LayerSpec) -> LoRALayer:
     return wrap_module(module, inject)
 
 
+def _merged_after_load(layer: LoRALayer, new: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """``layer.get_merged_weight()`` as it will be once loaded, without changing ``layer``.
+
+    A shallow copy of the layer whose Parameters listed in ``new`` (by ``id``) are replaced
+    by the values to be loaded, cast as ``copy_`` will cast them, computes the merge.
+    """
+    probe = copy.copy(layer)
+    parameters = {}
+    for leaf, p in layer._parameters.items():
+        if p is not None and id(p) in new and p.device.type != "meta":
+            p = nn.Parameter(new[id(p)].to(device=p.device, dtype=p.dtype), requires_grad=False)
+        parameters[leaf] = p
+    probe.__dict__["_parameters"] = parameters
+    probe.__dict__["_buffers"] = dict(layer._buffers)
+    return probe.get_merged_weight()
+
+
+def _prepare(
+    report: LoadReport, adapter: Adapter, plans: list[_ModulePlan], params: list[_ParamLoad]
+) -> tuple[list[_ModulePlan], list[LoRALayer], list[_ParamLoad]]:
+    """Build the new layers and compute every merge the load will do, changing nothing.
+
+    A module that cannot be wrapped, or whose merged weight would hold NaN/Inf once the file's
+    tensors are in (e.g. overflow in fp16), goes into the report and is dropped.
+
+    Returns:
+        The plans still loadable, their layers (new ones for injected modules) and the
+        parameter loads still applicable.
+    """
+    kept: list[tuple[_ModulePlan, LoRALayer]] = []
+    for plan in plans:
+        layer = plan.module
+        if plan.inject:
+            # Wrapping freezes the shared base weight; keep the model as it is until _apply.
+            flags = [(p, p.requires_grad) for p in plan.module.parameters()]
+            try:
+                layer = _wrap(plan.module, plan.spec)
+            except (TypeError, ValueError) as exc:
+                report._add("config_mismatches", plan.name, f"cannot wrap it: {exc}")
+                continue
+            finally:
+                plan.requires_grad = tuple((p, p.requires_grad) for p, _ in flags)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+        kept.append((plan, layer))
+    new: dict[int, torch.Tensor] = {}
+    for plan, layer in kept:
+        for leaf in _LORA_LEAVES:
+            new[id(getattr(layer, leaf))] = adapter.tensors[_key(plan.name, leaf)]
+    for _, param, t, _ in params:
+        new[id(param)] = t
+    # Every layer the load will (re-)merge: merged ones, injected eval-mode ones with
+    # merge_weights (merged as eval() would), and merged ones whose base weight is loaded.
+    to_merge: dict[int, tuple[str, LoRALayer]] = {}
+    for plan, layer in kept:
+        if layer.merged or (plan.inject and not layer.training and layer.merge_weights):
+            to_merge[id(layer)] = (plan.name, layer)
+    for key, _, _, module in params:
+        if isinstance(module, LoRALayer) and module.merged:
+            to_merge.setdefault(id(module), (_split_key(key)[0], module))
+    failed: set[int] = set()
+    with torch.no_grad():
+        for name, layer in to_merge.values():
+            try:
+                _merged_after_load(layer, new)
+            except ValueError as exc:
+                report._add("config_mismatches", name, f"cannot merge the file's update: {exc}")
+                failed.add(id(layer))
+    failed_params = {
+        id(p) for _, layer in to_merge.values() if id(layer) in failed for p in layer.parameters()
+    }
+    kept = [(plan, layer) for plan, layer in kept if id(layer) not in failed]
+    params = [item for item in params if id(item[1]) not in failed_params]
+    return [plan for plan, _ in kept], [layer for _, layer in kept], params
+
+
 def _apply(
     model: nn.Module,
     report: LoadReport,
     adapter: Adapter,
     plans: list[_ModulePlan],
-    params: list[tuple[str, nn.Parameter, torch.Tensor, nn.Module]],
+    layers: list[LoRALayer],
+    params: list[_ParamLoad],
 ) -> None:
-    # Build every new layer first, then swap and copy.
-    layers = [_wrap(p.module, p.spec) if p.inject else p.module for p in plans]
     with torch.no_grad():
         for plan, layer in zip(plans, layers, strict=True):
             if plan.inject:
-                replace_module(model, plan.raw_name, layer)
+                for raw_name in plan.raw_names or (plan.raw_name,):  # every name of the module
+                    replace_module(model, raw_name, layer)
+                for p, flag in plan.requires_grad:
+                    p.requires_grad_(flag)
                 report.injected_modules.append(plan.name)
             for leaf in _LORA_LEAVES:
                 key = _key(plan.name, leaf)
@@ -1050,6 +1230,15 @@ def _apply(
                 module.merge()
 
 
+def _refuse(source: str, problems: Sequence[str], strict: bool, cause: Exception) -> LoadReport:
+    """An adapter that cannot be read at all: raise (strict) or warn and return the report."""
+    report = LoadReport(source=source, errors=list(problems))
+    if strict:
+        raise AdapterLoadError(report) from cause
+    warnings.warn(f"adapter {source} not loaded:\n{report.format()}", stacklevel=3)
+    return report
+
+
 def load_lora(
     model: nn.Module,
     source: str | os.PathLike | Adapter | Mapping[str, torch.Tensor],
@@ -1061,9 +1250,11 @@ def load_lora(
 
     ``model`` may already hold LoRA layers (their config must match the file's metadata), or
     be a plain base model: each module the metadata describes is then wrapped with the layer
-    it names (``from_module``, sharing the base Parameters) and loaded. Merged layers are
-    re-merged, and injected layers in eval mode are merged as ``eval()`` would, so outputs
-    match the saved model's exactly.
+    it names (``from_module``, sharing the base Parameters) and loaded. A module registered
+    under several names (``model.a is model.b``) is replaced under every name, as
+    :func:`~lora_layers.inject_lora` does. Merged layers are re-merged, and injected layers
+    in eval mode are merged as ``eval()`` would, so outputs match the saved model's exactly;
+    every such merge is computed (and checked for NaN/Inf) before anything is changed.
 
     Args:
         model: The model to load into (a compiled or DDP-wrapped model is fine).
@@ -1079,8 +1270,9 @@ def load_lora(
 
     Raises:
         AdapterLoadError: In strict mode, one error listing every missing key, unexpected
-            key, shape mismatch, config mismatch and other problem. The model is unchanged.
-        AdapterError: For a pickle file without ``allow_pickle`` (also in non-strict mode).
+            key, shape mismatch, config mismatch and other problem (unsupported dtype,
+            NaN/Inf, a merge that would overflow, ...). The model is unchanged. Also for a
+            pickle file without ``allow_pickle`` (in non-strict mode too).
         FileNotFoundError: If the file does not exist.
     """
     if isinstance(source, Adapter):
@@ -1090,16 +1282,16 @@ def load_lora(
     else:
         path = Path(source)
         if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            _load_pickle(path, allow_pickle=False)  # raises the refusal
+            try:
+                _load_pickle(path, allow_pickle=False)
+            except AdapterError as exc:  # the refusal raises in non-strict mode too
+                _refuse(str(path), exc.problems, True, exc)
         try:
             adapter = read_adapter(path, allow_pickle=allow_pickle)
         except AdapterError as exc:
-            report = LoadReport(source=str(path), errors=list(exc.problems))
-            if strict:
-                raise AdapterLoadError(report) from exc
-            warnings.warn(f"adapter {path} not loaded:\n{report.format()}", stacklevel=2)
-            return report
+            return _refuse(str(path), exc.problems, strict, exc)
     report, plans, params = _validate(model, adapter, inject)
+    plans, layers, params = _prepare(report, adapter, plans, params)
     if not report.ok:
         if strict:
             raise AdapterLoadError(report)
@@ -1107,7 +1299,7 @@ def load_lora(
             f"loading adapter {report.source} partially (strict=False):\n{report.format()}",
             stacklevel=2,
         )
-    _apply(model, report, adapter, plans, params)
+    _apply(model, report, adapter, plans, layers, params)
     return report
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -37,16 +38,19 @@ from .adapters import (
     _key,
     _layer_type,
     _load_pickle,
+    _module_aliases,
     _module_index,
     _normalize_name,
     _normalized_tensors,
     _read_safetensors,
+    _refuse,
     _save_tensors,
     _shape,
     _split_key,
     load_lora,
 )
 from .linear import Linear
+from .surgery import _is_hf_conv1d
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = ["export_peft", "import_peft", "read_peft"]
@@ -242,7 +246,9 @@ def export_peft(
             where = f"{name}.base_layer" if name in targets else name
             tensors[f"base_model.model.{where}.bias"] = value.detach()
     _save_tensors(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # Top-level keys sorted; rank_pattern / alpha_pattern keep their order, which is the order
+    # they were checked in: PEFT uses the first matching key in file order.
+    text = json.dumps({k: config[k] for k in sorted(config)}, indent=2) + "\n"
     _atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return config
 
@@ -260,6 +266,100 @@ _PEFT_UNSUPPORTED = (
 )
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _bad_rank(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0
+
+
+def _bad_alpha(value: object) -> bool:
+    return not _is_real(value) or not math.isfinite(value) or value <= 0
+
+
+def _config_problems(config: dict[str, Any]) -> list[str]:
+    """Every field of a PEFT ``adapter_config.json`` that lora_layers cannot use, one line each."""
+    where = PEFT_CONFIG_NAME
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(
+            f"{where}: peft_type is {config.get('peft_type')!r}; only LORA adapters import"
+        )
+    problems += [
+        f"{where}: {k}={config[k]!r} is a PEFT feature lora_layers does not implement"
+        for k in _PEFT_UNSUPPORTED
+        if config.get(k)
+    ]
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if _bad_rank(r):
+        problems.append(f"{where}: r must be a positive int, got {r!r}")
+    if _bad_alpha(alpha):
+        problems.append(f"{where}: lora_alpha must be a positive finite number, got {alpha!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+        problems.append(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    for name in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(name, False), bool):
+            problems.append(f"{where}: {name} must be true or false, got {config[name]!r}")
+    for name, bad, what in (
+        ("rank_pattern", _bad_rank, "a positive int"),
+        ("alpha_pattern", _bad_alpha, "a positive finite number"),
+    ):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            problems.append(
+                f"{where}: {name} must be an object {{module pattern: value}}, "
+                f"got {type(pattern).__name__} {pattern!r}"
+            )
+            continue
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                problems.append(f"{where}: {name} key {key!r} is not a valid regex ({exc})")
+            if bad(value):
+                problems.append(f"{where}: {name}[{key!r}] must be {what}, got {value!r}")
+    return problems
+
+
+def _read_peft_config(directory: Path) -> dict[str, Any]:
+    path = directory / PEFT_CONFIG_NAME
+    if not directory.is_dir():
+        if not directory.exists():
+            raise FileNotFoundError(f"no such PEFT adapter directory: {str(directory)!r}")
+        raise AdapterError(f"{str(directory)!r} is a file, not a PEFT adapter directory")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise AdapterError(
+            f"{PEFT_CONFIG_NAME} is missing; {str(directory)!r} is not a PEFT adapter directory"
+        ) from None
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{PEFT_CONFIG_NAME}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{PEFT_CONFIG_NAME}: expected a JSON object, got a JSON {type(config).__name__}"
+        )
+    problems = _config_problems(config)
+    if problems:
+        raise AdapterError(problems)
+    return config
+
+
+def _read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, Any]:
+    if (directory / PEFT_WEIGHTS_NAME).exists():
+        return _read_safetensors(directory / PEFT_WEIGHTS_NAME)[0]
+    if (directory / PEFT_PICKLE_WEIGHTS_NAME).exists():
+        return _load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
+    raise AdapterError(
+        f"no weights: neither {PEFT_WEIGHTS_NAME} nor {PEFT_PICKLE_WEIGHTS_NAME} is in "
+        f"{str(directory)!r}"
+    )
+
+
 def read_peft(
     directory: str | os.PathLike, allow_pickle: bool = False, model: nn.Module | None = None
 ) -> Adapter:
@@ -267,40 +367,37 @@ def read_peft(
 
     Ranks come from the tensors and are checked against ``r`` / ``rank_pattern``; alphas come
     from ``lora_alpha`` / ``alpha_pattern``; ``use_rslora`` and ``lora_dropout`` are global.
-    ``model``, if given, supplies ``fan_in_fan_out`` for layers that already have LoRA.
+    ``model``, if given, supplies ``fan_in_fan_out`` for layers that already have LoRA (and
+    for transformers' ``Conv1D``, where PEFT always uses it), and convolutions whose
+    ``padding_mode`` is not ``"zeros"`` are reported as problems: PEFT's conv LoRA pads with
+    zeros, so such an adapter cannot give PEFT's outputs.
 
     Raises:
-        AdapterError: For a non-LoRA or DoRA/variant adapter, a pickle weights file without
-            ``allow_pickle``, or an unreadable file.
+        AdapterError: For a non-LoRA or DoRA/variant adapter, an invalid
+            ``adapter_config.json`` (not JSON, not an object, or a field of the wrong type or
+            range: every such field is listed), no weights file, a pickle weights file
+            without ``allow_pickle``, or an unreadable weights file.
+        FileNotFoundError: If ``directory`` does not exist.
     """
     directory = Path(directory)
-    config = json.loads((directory / PEFT_CONFIG_NAME).read_text())
-    problems = []
-    if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}; only LORA adapters import")
-    problems += [
-        f"{k}={config[k]!r} is a PEFT feature lora_layers does not implement"
-        for k in _PEFT_UNSUPPORTED
-        if config.get(k)
-    ]
-    if problems:
-        raise AdapterError(problems, context=f"cannot import {directory}")
-    if (directory / PEFT_WEIGHTS_NAME).exists():
-        raw, _ = _read_safetensors(directory / PEFT_WEIGHTS_NAME)
-    else:
-        raw = _load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
+    config = _read_peft_config(directory)
+    raw = _read_peft_weights(directory, allow_pickle)
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    index = _module_index(model)[0] if model is not None else {}
+    index, aliases = {}, {}
+    if model is not None:
+        index = _module_index(model)[0]
+        aliases = _module_aliases(model, index)[0]
 
     tensors, problems = _normalized_tensors(raw)
     found: dict[str, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     biases, base_weights = [], []
+    invalid: set[str] = set()
     suffixes = {
         ".lora_A.weight": "A",
         ".lora_B.weight": "B",
@@ -336,21 +433,27 @@ def read_peft(
                 out[f"{name}.{slot}"] = t
             continue
         r = int(a.shape[0])
-        expected_r = rank_pattern.get(_peft_pattern_key(rank_pattern, name), r_default)
+        rank_key = _peft_pattern_key(rank_pattern, name)
+        expected_r = rank_pattern.get(rank_key, r_default)
         alpha = alpha_pattern.get(_peft_pattern_key(alpha_pattern, name), alpha_default)
         if r != expected_r:
-            problems.append(f"{name}: lora_A has rank {r} but the config says r={expected_r}")
+            field = "r" if rank_key is None else f"rank_pattern[{rank_key!r}]"
+            problems.append(
+                f"{name}: lora_A has rank {r} but {PEFT_CONFIG_NAME} says {field}={expected_r}"
+            )
+        existing = index.get(aliases.get(name, name), ("", None))[1]
         fif = False
         if emb:
             kind, in_f, out_f = "Embedding", int(a.shape[1]), int(b.shape[0])
             weight_shape: tuple[int, ...] = (in_f, out_f)
         elif a.dim() == 2:
             kind, in_f, out_f = "Linear", int(a.shape[1]), int(b.shape[0])
-            existing = index.get(name, ("", None))[1]
             if isinstance(existing, Linear):
                 fif = existing.fan_in_fan_out
+            elif _is_hf_conv1d(existing):
+                fif = True  # PEFT always uses fan_in_fan_out for transformers' Conv1D
             elif existing is not None and not isinstance(existing, nn.Linear):
-                fif = fan_in_fan_out  # PEFT applies it to transformers' Conv1D
+                fif = fan_in_fan_out
             weight_shape = (in_f, out_f) if fif else (out_f, in_f)
         elif a.dim() in (3, 4, 5):
             kind, in_f, out_f = f"Conv{a.dim() - 2}d", int(a.shape[1]), int(b.shape[0])
@@ -359,10 +462,18 @@ def read_peft(
                 problems.append(f"{name}: lora_B {_shape(b)} is not a 1x1 conv of rank {r}")
                 continue
             a, b = a.reshape(r, -1), b.reshape(out_f, r)
+            padding_mode = getattr(existing, "padding_mode", "zeros")
+            if padding_mode != "zeros":
+                problems.append(
+                    f"{name}: the model's {type(existing).__name__} has "
+                    f"padding_mode={padding_mode!r}, but PEFT's conv LoRA pads with zeros, so "
+                    "this adapter cannot reproduce PEFT's outputs (export_peft refuses it too)"
+                )
+                invalid.add(name)
         else:
             problems.append(f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has")
             continue
-        modules[name] = LayerSpec(
+        spec = LayerSpec(
             layer=kind,
             r=r,
             lora_alpha=alpha,
@@ -375,6 +486,12 @@ def read_peft(
             fan_in_fan_out=fif,
             merge_weights=False,  # as inject_lora: eval() does not merge; use merge_lora()
         )
+        bad = spec.problems()
+        problems += [f"{name}: {p}" for p in bad]
+        if bad:
+            invalid.add(name)
+        if name not in invalid:
+            modules[name] = spec
         out[_key(name, "lora_A")] = a
         out[_key(name, "lora_B")] = b
     return Adapter(
@@ -383,6 +500,7 @@ def read_peft(
         biases=tuple(biases),
         base_weights=tuple(base_weights),
         problems=problems,
+        invalid_modules=invalid,
         source=str(directory),
     )
 
@@ -399,7 +517,9 @@ def import_peft(
     Each ``<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
     embeddings) pair becomes a lora_layers layer with the rank of its tensors and the alpha
     from ``lora_alpha`` / ``alpha_pattern``, then loads through :func:`load_lora` with the same
-    validation (plain modules are injected; existing LoRA layers must match).
+    validation (plain modules are injected; existing LoRA layers must match). A module
+    registered under several names is replaced under every name (PEFT replaces only the
+    first).
 
     Args:
         model: The base model (plain, or with matching lora_layers layers).
@@ -412,8 +532,18 @@ def import_peft(
         The :class:`LoadReport`.
 
     Raises:
-        AdapterError: For adapters using PEFT features lora_layers does not implement.
-        AdapterLoadError: In strict mode, for any validation problem; the model is unchanged.
+        AdapterLoadError: In strict mode, for any problem: an unsupported PEFT feature, an
+            invalid ``adapter_config.json`` (each bad field named), missing or unreadable
+            weights, a conv with ``padding_mode`` other than ``"zeros"``, and every
+            validation problem of :func:`load_lora`; the model is unchanged. Also for
+            ``adapter_model.bin`` without ``allow_pickle`` (in non-strict mode too).
+        FileNotFoundError: If ``directory`` does not exist.
     """
-    adapter = read_peft(directory, allow_pickle=allow_pickle, model=model)
+    directory = Path(directory)
+    try:
+        adapter = read_peft(directory, allow_pickle=allow_pickle, model=model)
+    except AdapterError as exc:
+        pickle_refused = not allow_pickle and not (directory / PEFT_WEIGHTS_NAME).exists()
+        pickle_refused &= (directory / PEFT_PICKLE_WEIGHTS_NAME).exists()
+        return _refuse(str(directory), exc.problems, strict or pickle_refused, exc)
     return load_lora(model, adapter, strict=strict, inject=inject)

@@ -396,6 +396,38 @@ def _suffixes(name: str) -> tuple[str, ...]:
     return tuple(".".join(parts[i:]) for i in range(len(parts)))
 
 
+def _match_names(
+    patterns: _Patterns, names: Sequence[str], module: nn.Module, need_suffixes: bool
+) -> int | None:
+    """The first key matching any of the names a module is registered under, else None."""
+    best = None
+    for name in names:
+        i = patterns.match(name, _suffixes(name) if need_suffixes else (name,), module)
+        if i is not None and (best is None or i < best):
+            best = i
+    return best
+
+
+def _excluded_names(model: nn.Module, excludes: _Patterns, need_suffixes: bool) -> set[str]:
+    """Every module name an exclude key matches, container or leaf, under any of its names."""
+    if not excludes:
+        return set()
+    return {
+        name
+        for name, module in model.named_modules(remove_duplicate=False)
+        if name and _match_names(excludes, (name,), module, need_suffixes) is not None
+    }
+
+
+def _is_excluded(names: Sequence[str], excluded: set[str]) -> bool:
+    """Whether a module, or a container holding it, is excluded under any of its names."""
+    for name in names:
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in excluded for i in range(1, len(parts) + 1)):
+            return True
+    return False
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
@@ -530,13 +562,17 @@ def _plan(
     need_suffixes = bool(targets.names or excludes.names or fused_keys.names)
     need_suffixes |= bool(ranks.names or alphas.names)
 
+    # A module registered under several names (model.a is model.b) is one module: it is a
+    # target if any of its names matches, excluded if any of its names or a container holding
+    # it is excluded, and is replaced under every name.
+    excluded = _excluded_names(model, excludes, need_suffixes)
     chosen: list[tuple[str, nn.Module, int | None]] = []
     for name, module in modules.items():
         if not name:
             continue  # the root cannot be replaced in place
-        suffixes = _suffixes(name) if need_suffixes else (name,)
-        hit = targets.match(name, suffixes, module)
-        fused_at = fused_keys.match(name, suffixes, module) if fused_keys else None
+        names = names_of[id(module)]
+        hit = _match_names(targets, names, module, need_suffixes)
+        fused_at = _match_names(fused_keys, names, module, need_suffixes) if fused_keys else None
         is_target = hit is not None
         broad = is_target and targets.is_type(hit)  # matched by a module type only
         if not is_target and targets.all_linear is not None and module is not head:
@@ -545,7 +581,7 @@ def _plan(
                 targets.hit[targets.all_linear] = True
         if not (is_target or fused_at is not None):
             continue
-        if excludes and excludes.match(name, suffixes, module) is not None:
+        if _is_excluded(names, excluded):
             continue
         if id(module) in mha_children:
             if broad and fused_at is None:
@@ -573,9 +609,9 @@ def _plan(
     plan: dict[str, InjectSpec] = {}
     cache: dict[tuple, InjectSpec] = {}
     for name, module, fused_at in chosen:
-        suffixes = _suffixes(name) if need_suffixes else (name,)
-        ri = ranks.match(name, suffixes, module) if ranks else None
-        ai = alphas.match(name, suffixes, module) if alphas else None
+        names = names_of[id(module)]
+        ri = _match_names(ranks, names, module, need_suffixes) if ranks else None
+        ai = _match_names(alphas, names, module, need_suffixes) if alphas else None
         r_i = r if ri is None else rank_values[ri]
         alpha_i = lora_alpha if ai is None else alpha_values[ai]
         spec_fused = None
@@ -872,6 +908,8 @@ def inject_lora(
     string with a regex metacharacter such as ``*``, ``(``, ``|``, or an ``re.Pattern``), a
     module type (``nn.Linear``), or ``"all-linear"``: every ``nn.Linear`` (and transformers
     ``Conv1D``) except the output head ``model.get_output_embeddings()``, as PEFT counts it.
+    A module registered under several names (``model.a is model.b``) is targeted when any of
+    its names matches, excluded when any is, and replaced under every name.
 
     Args:
         model: The model to modify in place.
@@ -884,7 +922,8 @@ def inject_lora(
             of every ``qkv_proj``, sizes from the model config) or
             ``{"gate_up_proj": "up"}``; values as in :func:`resolve_fused`. Matched modules
             are targets too; the first matching key wins.
-        exclude_modules: Keys (as targets) of modules never to wrap.
+        exclude_modules: Keys (as targets) of modules never to wrap; a key naming a container
+            (``"encoder"``) excludes every layer inside it. Each key must match some module.
         rank_pattern: ``{key: r}`` overrides of the rank; the first matching key wins;
             ``r=0`` leaves a module out.
         alpha_pattern: ``{key: lora_alpha}`` overrides of alpha; the first matching key wins.
@@ -1069,8 +1108,9 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer with a plain torch layer holding its merged weight.
 
-    The merged weight ``(W.float() + delta).to(W.dtype)`` becomes the layer's only weight, a
-    new Parameter (the original one is freed unless referenced elsewhere), so ``state_dict()``
+    The merged weight ``(W + delta).to(W.dtype)``, computed in fp32 (fp64 for fp64 layers),
+    becomes the layer's only weight, a new Parameter (the original one is freed unless
+    referenced elsewhere), so ``state_dict()``
     has exactly the original model's keys and shapes and ``save_pretrained`` writes a normal
     checkpoint. A weight tied to another module (e.g. embeddings tied to the output head)
     is untied, keeping the model's outputs; a warning says so.
@@ -1082,7 +1122,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         ValueError: If a merged weight would hold NaN/Inf (every layer is checked before any
             is replaced, so the model is then left unchanged).
     """
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    # Uses by distinct modules: a module registered under two names is one user, not a tie.
+    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.r > 0]
     for name, layer in layers:  # check every layer first, one merged weight alive at a time
         layer.get_merged_weight()

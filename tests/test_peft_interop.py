@@ -14,25 +14,16 @@ from torch import nn
 
 import lora_layers
 from lora_layers import AdapterError, AdapterLoadError, export_peft, import_peft
-from tests.helpers import fill_all_, phi3_q_and_v, tiny_phi3
+from tests.helpers import (
+    assert_unchanged,
+    fill_all_,
+    logits,
+    phi3_q_and_v,
+    snapshot,
+    tiny_phi3,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def peft_logits(directory) -> torch.Tensor:
@@ -239,3 +230,101 @@ def test_import_refuses_dora_and_pickled_weights(tmp_path):
         import_peft(model, tmp_path / "bin")
     import_peft(model, tmp_path / "bin", allow_pickle=True)
     torch.testing.assert_close(logits(model), theirs, **TOL)
+
+
+# --------------------------------------------------------------------------- pattern order
+class SameLeaf(nn.Module):
+    """A top-level ``fc`` and a nested ``z.fc``: PEFT's pattern ``fc`` matches both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.z = nn.Module()
+        self.z.fc = nn.Linear(6, 6)
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.b(self.a(self.z.fc(self.fc(x))))
+
+
+@pytest.mark.parametrize("differ", ["alpha", "rank"])
+def test_export_patterns_for_fc_and_nested_z_fc_give_peft_our_outputs(tmp_path, differ):
+    # PEFT takes the first matching pattern key in file order, so the file must keep the
+    # order the patterns were checked in (z\.fc before fc), not sorted keys.
+    torch.manual_seed(0)
+    base_state = SameLeaf().state_dict()
+    model = SameLeaf()
+    model.load_state_dict(base_state)
+    pattern = {"z.fc": 8, "fc": 3} if differ == "rank" else {"z.fc": 16, "fc": 8}
+    kwargs = {"rank_pattern" if differ == "rank" else "alpha_pattern": pattern}
+    lora_layers.inject_lora(model, ["fc", "a", "b"], r=2, lora_alpha=4, **kwargs)
+    fill_all_(model).eval()
+    x = torch.randn(3, 6)
+    config = export_peft(model, tmp_path)
+
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    key = "rank_pattern" if differ == "rank" else "alpha_pattern"
+    assert list(on_disk[key]) == list(config[key])  # the checked order is the written order
+    base = SameLeaf()
+    base.load_state_dict(base_state)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()(x)
+        torch.testing.assert_close(theirs, model(x), **TOL)
+
+
+# --------------------------------------------------------------------------- GPT-2 (Conv1D)
+GPT2_IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0
+    )
+    config.eos_token_id = 0
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def gpt2_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(GPT2_IDS).logits
+
+
+def test_gpt2_conv1d_save_lora_loads_into_a_fresh_gpt2(tmp_path):
+    model = tiny_gpt2()
+    lora_layers.inject_lora(model, ["c_proj", "c_fc"], r=2, lora_alpha=4, fused={"c_attn": "qv"})
+    fill_all_(model)
+    path = lora_layers.save_lora(model, tmp_path / "gpt2.safetensors")
+    fresh = tiny_gpt2()
+
+    report = lora_layers.load_lora(fresh, path)
+
+    assert report.ok and len(report.injected_modules) == 8  # 4 per block
+    attn = fresh.transformer.h[0].attn.c_attn
+    assert isinstance(attn, lora_layers.MergedLinear) and attn.fan_in_fan_out
+    assert torch.equal(gpt2_logits(fresh), gpt2_logits(model))
+    assert not torch.allclose(gpt2_logits(fresh), gpt2_logits(tiny_gpt2()), **TOL)
+
+
+def test_import_peft_gpt2_adapter_gives_peft_logits(tmp_path):
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+    )
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(tiny_gpt2(), config).eval()
+    theirs.save_pretrained(str(tmp_path))
+    fresh = tiny_gpt2()
+
+    report = import_peft(fresh, tmp_path)
+
+    assert report.ok and len(report.injected_modules) == 8  # 4 per block
+    assert fresh.transformer.h[1].mlp.c_fc.fan_in_fan_out
+    torch.testing.assert_close(gpt2_logits(fresh), gpt2_logits(theirs), **TOL)
+    assert not torch.allclose(gpt2_logits(fresh), gpt2_logits(tiny_gpt2()), **TOL)

@@ -31,7 +31,9 @@ from lora_layers import (
     unmerge_lora,
     wrap_module,
 )
-from tests.helpers import assert_close, tiny_phi3, tiny_phi3_config
+from tests.helpers import assert_close, logits, tiny_phi3, tiny_phi3_config
+from tests.helpers import fill_all_ as randomize_lora
+from tests.helpers import phi3_ids as ids
 
 # PEFT calls a transformers method that transformers 5 deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -48,25 +50,6 @@ PHI3_MEDIUM = dict(
 
 
 # --------------------------------------------------------------------------- helpers
-def ids(n: int = 11, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (batch, n), generator=g)
-
-
-def randomize_lora(model: nn.Module, seed: int = 0) -> None:
-    """Make every lora_B (and lora_A) non-zero, so the update is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
-
-
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
 def qkv_sizes(config) -> tuple[int, int, int]:
     head_dim = config.hidden_size // config.num_attention_heads
     return (
@@ -385,6 +368,35 @@ def test_shared_module_is_replaced_everywhere():
     assert model[0] is model[2] and type(model[0]) is nn.Linear and model[0].weight is shared.weight
 
 
+def test_second_name_of_a_shared_module_is_a_target():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert list(plan_lora(model, "2", r=2)) == ["0"]  # listed under its first name
+    inject_lora(model, "2", r=2)
+    assert model[0] is model[2] and isinstance(model[0], lora_layers.Linear)
+
+
+def test_excluding_a_container_excludes_every_layer_inside_it():
+    model = tiny_phi3()
+    inject_lora(model, "all-linear", exclude_modules="layers.0")
+    names = lora_module_names(model)
+    assert names and not [n for n in names if n.startswith("model.layers.0.")]
+    assert "model.layers.1.self_attn.o_proj" in names
+    # a regex naming containers works the same way; so does a module type
+    model = inject_lora(tiny_phi3(), "all-linear", exclude_modules=r".*\.mlp")
+    assert not [n for n in lora_module_names(model) if ".mlp." in n]
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    with pytest.raises(ValueError, match="no module left to wrap"):
+        inject_lora(tiny_phi3(), "all-linear", exclude_modules=Phi3DecoderLayer)
+
+
+def test_excluding_a_module_no_target_selects_is_allowed():
+    # all-linear already leaves out lm_head; excluding it too (a PEFT habit) is not an error
+    model = inject_lora(tiny_phi3(), "all-linear", exclude_modules=["lm_head", "embed_tokens"])
+    assert "lm_head" not in lora_module_names(model)
+
+
 def test_embedding_and_conv_injection_and_unload_keep_parameters():
     model = nn.Sequential(nn.Embedding(10, 6), nn.Conv1d(6, 4, 3), nn.Conv2d(1, 2, 3))
     params = dict(model.named_parameters())
@@ -494,7 +506,7 @@ def test_generate_and_save_pretrained_keep_working(tmp_path):
     inject_lora(model, "all-linear", r=4, lora_alpha=8, fused={"qkv_proj": "qv"})
     randomize_lora(model)
     assert type(model) is transformers.Phi3ForCausalLM
-    x = ids(n=5, batch=1)
+    x = ids(batch=1, seq=5)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     tokens = model.generate(x, **kwargs)
     assert tokens.shape == (1, 9)
