@@ -43,6 +43,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear, _check_slices
+from .quantized import QuantizedLoRALinear, dense_weight_shape
 from .surgery import FusedSpec, InjectSpec, _is_hf_conv1d, replace_module, wrap_module
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
@@ -201,6 +202,8 @@ def _module_aliases(
 
 def _layer_type(module: nn.Module) -> str | None:
     """The lora_layers type name of ``module`` (``"MergedLinear"``, ...), or None."""
+    if isinstance(module, QuantizedLoRALinear):  # saved as the dense layer it stands for
+        return module.adapter_layer
     if isinstance(module, MergedLinear):
         return "MergedLinear"
     for name in ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d"):
@@ -310,7 +313,7 @@ class LayerSpec:
             lora_alpha=layer.lora_alpha,
             in_features=in_f,
             out_features=out_f,
-            weight_shape=_shape(layer.weight),
+            weight_shape=dense_weight_shape(layer),
             dtype=_dtype_name(layer.lora_A.dtype if layer.r > 0 else layer.weight.dtype),
             use_rslora=layer.use_rslora,
             lora_dropout=layer.dropout_p,
@@ -983,11 +986,11 @@ def _plan_module(
     if not raw_name:
         report._add("config_mismatches", name, "cannot replace the root module itself")
         return None
-    if _shape(module.weight) != spec.weight_shape:
+    if dense_weight_shape(module) != spec.weight_shape:
         report._add(
             "shape_mismatches",
             _key(name, "weight"),
-            f"model base weight {_shape(module.weight)}, the adapter was made for "
+            f"model base weight {dense_weight_shape(module)}, the adapter was made for "
             f"{spec.weight_shape} (a file from another model?)",
         )
         return None

@@ -46,6 +46,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear
+from .quantized import QuantizedLoRALinear, find_quantized_lora_class, quantized_lora_class
 from .utils import lora_modules, mark_only_lora_as_trainable
 
 __all__ = [
@@ -154,7 +155,7 @@ class InjectSpec:
             InjectSpec: Its rank, alpha, dropout, rsLoRA flag, merge mode, LoRA dtype and slices.
         """
         fused = None
-        if isinstance(layer, MergedLinear):
+        if getattr(layer, "enable_lora", None) is not None:  # MergedLinear, fused quantized
             fused = FusedSpec(layer.split_sizes, layer.enable_lora)
         lora_dtype = layer.lora_A.dtype if layer.r > 0 else None
         return cls(
@@ -449,6 +450,8 @@ def _check_wrappable(name: str, module: nn.Module) -> type:
             f"{name!r} already has LoRA ({type(module).__name__}); "
             "call unload(model) or merge_and_unload(model) before injecting again"
         )
+    if quantized_lora_class(module, name) is not None:  # raises for unsupported quantized kinds
+        return nn.Linear
     base = _wrappable_kind(module)
     if base is None:
         children = [n for n, m in module.named_modules() if n and _wrappable_kind(m)]
@@ -577,6 +580,7 @@ def _plan(
         broad = is_target and targets.is_type(hit)  # matched by a module type only
         if not is_target and targets.all_linear is not None and module is not head:
             is_target = broad = isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+            is_target = broad = is_target or find_quantized_lora_class(module) is not None
             if is_target:
                 targets.hit[targets.all_linear] = True
         if not (is_target or fused_at is not None):
@@ -732,6 +736,11 @@ def wrap_module(module: nn.Module, spec: InjectSpec, name: str = "module") -> Lo
     slices = {}
     if spec.fused is not None:
         slices = dict(enable_lora=spec.fused.enable_lora, split_sizes=spec.fused.split_sizes)
+    quantized = quantized_lora_class(module, name)
+    if quantized is not None:  # a registered quantized linear: see lora_layers.quantized
+        return quantized.from_module(
+            module, lora_dropout=spec.lora_dropout, lora_dtype=spec.lora_dtype, **common, **slices
+        )
     if _is_hf_conv1d(module):
         # transformers' Conv1D is a linear layer storing its weight as (in, out).
         in_features, out_features = module.weight.shape
@@ -1067,6 +1076,8 @@ def _rebuild_plain(layer: LoRALayer) -> nn.Module:
 
 
 def _plain_layer(layer: LoRALayer, weight: nn.Parameter) -> nn.Module:
+    if isinstance(layer, QuantizedLoRALinear):  # its quantized base, or a dense nn.Linear
+        return layer.plain_layer(weight)
     shell = layer.__dict__.get(_SHELL)
     plain = copy.copy(shell) if shell is not None else _rebuild_plain(layer)
     plain.__dict__["_parameters"] = dict(plain._parameters)
@@ -1113,7 +1124,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     referenced elsewhere), so ``state_dict()``
     has exactly the original model's keys and shapes and ``save_pretrained`` writes a normal
     checkpoint. A weight tied to another module (e.g. embeddings tied to the output head)
-    is untied, keeping the model's outputs; a warning says so.
+    is untied, keeping the model's outputs; a warning says so. A LoRA layer on a quantized
+    base (:mod:`lora_layers.quantized`) becomes a dense ``nn.Linear`` holding
+    ``dequantize(W) + delta`` rounded once (see ``docs/qlora.md``).
 
     Returns:
         nn.Module: ``model``.
