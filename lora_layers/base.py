@@ -30,6 +30,8 @@ import weakref
 import torch
 from torch import nn
 
+from .functional import transforms_active
+
 __all__ = ["LoRALayer", "check_lora_args", "check_wrappable"]
 
 
@@ -226,6 +228,8 @@ class LoRALayer:
             self._check_gradient_reaches_lora()
         if self.merged_weight is None or self.disable_adapters:
             return False
+        if not torch.compiler.is_compiling() and transforms_active():
+            return False  # torch.func may be differentiating the parameters it swapped in
         # The merged weight is detached: a trainable base weight needs the unmerged path too.
         needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
         if needs_grad and torch.is_grad_enabled():
