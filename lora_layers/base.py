@@ -26,7 +26,13 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["LoRALayer", "check_lora_args", "check_wrappable"]
+__all__ = [
+    "AlreadyWrappedError",
+    "LoRALayer",
+    "check_lora_args",
+    "check_wrappable",
+    "lora_scaling",
+]
 
 
 def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None:
@@ -56,19 +62,50 @@ def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None
         raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout}")
 
 
-def check_wrappable(module: nn.Module, expected: type | tuple[type, ...]) -> None:
-    """Check that ``from_module`` can wrap ``module``.
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The LoRA scaling, computed here only: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+
+    Args:
+        r: The rank (0: no update, scaling 0).
+        lora_alpha: The scaling numerator.
+        use_rslora: Rank-stabilised scaling.
+
+    Returns:
+        float: The factor the update ``B @ A`` is multiplied by.
+    """
+    if r == 0:
+        return 0.0
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+class AlreadyWrappedError(ValueError, TypeError):
+    """A module that already has LoRA was given to be wrapped again.
+
+    A ``ValueError`` (the module is in the wrong state) and, for code written against
+    ``from_module``'s earlier contract, a ``TypeError``.
+    """
+
+
+def check_wrappable(
+    module: nn.Module, expected: type | tuple[type, ...], name: str | None = None
+) -> None:
+    """Check that ``module`` can get LoRA: the one check every wrapping path runs.
 
     Args:
         module: The layer to wrap.
         expected: The torch layer type(s) the LoRA layer replaces.
+        name: The module's dotted name, for the messages (None: its type names it).
 
     Raises:
-        TypeError: If ``module`` already has LoRA or is not an instance of ``expected``.
+        AlreadyWrappedError: If ``module`` already has LoRA (unload it first).
+        TypeError: If ``module`` is not an instance of ``expected``.
     """
     if isinstance(module, LoRALayer):
-        raise TypeError(
-            f"{type(module).__name__} already has LoRA; unload it before wrapping it again"
+        what = type(module).__name__ if name is None else f"{name!r}"
+        kind = "" if name is None else f" ({type(module).__name__})"
+        raise AlreadyWrappedError(
+            f"{what} already has LoRA{kind}; unload it (unload(model) or "
+            "merge_and_unload(model)) before wrapping it again"
         )
     if not isinstance(module, expected):
         names = (
@@ -163,11 +200,16 @@ class LoRALayer:
             # The pretrained weight is frozen, as in loralib; the bias keeps its own setting.
             self.weight.requires_grad_(False)
 
-    def _adopt(self, module: nn.Module, lora_dtype: torch.dtype | None) -> None:
+    def adopt(self, module: nn.Module, lora_dtype: torch.dtype | None) -> None:
         """Take ``module``'s own ``weight``/``bias`` Parameters (shared, never copied).
 
-        Called by ``from_module`` on a layer built on the meta device; the LoRA parameters
-        are then created on the weight's device, so meta-device models stay on meta.
+        Called by ``from_module`` (and the layer-kind registry, :mod:`lora_layers.kinds`) on a
+        layer built on the meta device; the LoRA parameters are then created on the weight's
+        device, so meta-device models stay on meta.
+
+        Args:
+            module: The layer whose Parameters to take.
+            lora_dtype: Dtype of the LoRA parameters (None: the weight's).
         """
         self.weight = module.weight
         self.bias = getattr(module, "bias", None)  # nn.Embedding has no bias attribute
@@ -181,9 +223,7 @@ class LoRALayer:
         raise NotImplementedError
 
     def _compute_scaling(self, r: int) -> float:
-        if r == 0:
-            return 0.0
-        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+        return lora_scaling(r, self.lora_alpha, self.use_rslora)
 
     # ------------------------------------------------------------------ state
     @property

@@ -116,7 +116,8 @@ class _ConvLoRA(LoRALayer):
             The new layer, whose ``weight``/``bias`` are the module's own Parameters.
 
         Raises:
-            TypeError: If ``module`` is not the matching ``nn.ConvNd`` or already has LoRA.
+            TypeError: If ``module`` is not the matching ``nn.ConvNd``.
+            AlreadyWrappedError: If ``module`` already has LoRA.
         """
         check_wrappable(module, cls._torch_conv)
         with torch.device("meta"):
@@ -136,7 +137,7 @@ class _ConvLoRA(LoRALayer):
                 padding_mode=module.padding_mode,
                 use_rslora=use_rslora,
             )
-        layer._adopt(module, lora_dtype)
+        layer.adopt(module, lora_dtype)
         return layer
 
     def delta_weight(self) -> torch.Tensor:

@@ -124,7 +124,8 @@ class Embedding(LoRALayer, nn.Embedding):
             Embedding: A new layer whose ``weight`` is the module's own Parameter.
 
         Raises:
-            TypeError: If ``module`` is not an ``nn.Embedding`` or already has LoRA.
+            TypeError: If ``module`` is not an ``nn.Embedding``.
+            AlreadyWrappedError: If ``module`` already has LoRA.
         """
         check_wrappable(module, nn.Embedding)
         with torch.device("meta"):
@@ -141,7 +142,7 @@ class Embedding(LoRALayer, nn.Embedding):
                 sparse=module.sparse,
                 use_rslora=use_rslora,
             )
-        layer._adopt(module, lora_dtype)
+        layer.adopt(module, lora_dtype)
         return layer
 
     @property

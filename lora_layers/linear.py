@@ -112,7 +112,8 @@ class Linear(LoRALayer, nn.Linear):
             Linear: A new layer whose ``weight``/``bias`` are the module's own Parameters.
 
         Raises:
-            TypeError: If ``module`` is not an ``nn.Linear`` or is already a LoRA layer.
+            TypeError: If ``module`` is not an ``nn.Linear``.
+            AlreadyWrappedError: If ``module`` already has LoRA.
         """
         check_wrappable(module, nn.Linear)
         with torch.device("meta"):
@@ -126,7 +127,7 @@ class Linear(LoRALayer, nn.Linear):
                 bias=module.bias is not None,
                 use_rslora=use_rslora,
             )
-        layer._adopt(module, lora_dtype)
+        layer.adopt(module, lora_dtype)
         return layer
 
     def delta_weight(self) -> torch.Tensor:

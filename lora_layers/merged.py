@@ -3,48 +3,16 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .base import check_wrappable
+from .config import check_slices
 from .linear import Linear
 
 __all__ = ["MergedLinear"]
-
-
-def _check_slices(
-    out_features: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None
-) -> tuple[tuple[bool, ...], tuple[int, ...]]:
-    """Validate ``enable_lora`` / ``split_sizes`` and return them as tuples."""
-    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence):
-        raise TypeError(f"enable_lora must be a sequence of bools, got {enable_lora!r}")
-    if len(enable_lora) == 0:
-        raise ValueError("enable_lora must name at least one slice, got an empty sequence")
-    enable = tuple(bool(e) for e in enable_lora)
-    n = len(enable)
-    if split_sizes is None:
-        if out_features % n != 0:
-            raise ValueError(
-                f"len(enable_lora)={n} does not divide out_features={out_features}; "
-                "pass split_sizes for unequal slices"
-            )
-        return enable, (out_features // n,) * n
-    sizes = tuple(split_sizes)
-    if len(sizes) != n:
-        raise ValueError(
-            f"split_sizes={sizes} has {len(sizes)} entries but enable_lora={enable} has {n}"
-        )
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0:
-            raise ValueError(f"split_sizes must be positive ints, got split_sizes={sizes}")
-    if sum(sizes) != out_features:
-        raise ValueError(
-            f"split_sizes={sizes} sum to {sum(sizes)}, but out_features={out_features}"
-        )
-    return enable, tuple(int(s) for s in sizes)
 
 
 class MergedLinear(Linear):
@@ -105,7 +73,7 @@ class MergedLinear(Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.enable_lora, self.split_sizes = _check_slices(out_features, enable_lora, split_sizes)
+        self.enable_lora, self.split_sizes = check_slices(out_features, enable_lora, split_sizes)
         # No enabled slice means no LoRA at all (r is still validated first).
         super().__init__(
             in_features,
@@ -176,7 +144,8 @@ class MergedLinear(Linear):
             MergedLinear: A new layer whose ``weight``/``bias`` are the module's Parameters.
 
         Raises:
-            TypeError: If ``module`` is not an ``nn.Linear`` or already has LoRA.
+            TypeError: If ``module`` is not an ``nn.Linear``.
+            AlreadyWrappedError: If ``module`` already has LoRA.
             ValueError: For invalid slices or LoRA hyper-parameters.
         """
         check_wrappable(module, nn.Linear)
@@ -193,7 +162,7 @@ class MergedLinear(Linear):
                 bias=module.bias is not None,
                 use_rslora=use_rslora,
             )
-        layer._adopt(module, lora_dtype)
+        layer.adopt(module, lora_dtype)
         return layer
 
     def delta_weight(self) -> torch.Tensor:

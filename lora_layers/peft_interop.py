@@ -23,34 +23,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import (
-    _CONV_DIMS,
-    PEFT_CONFIG_NAME,
-    PEFT_PICKLE_WEIGHTS_NAME,
-    PEFT_WEIGHTS_NAME,
+from .adapter_format import (
     Adapter,
     AdapterError,
     LayerSpec,
-    LoadReport,
-    _atomic_write,
-    _dtype_name,
-    _full_tensor,
-    _key,
-    _layer_type,
-    _load_pickle,
-    _module_aliases,
-    _module_index,
-    _normalize_name,
-    _normalized_tensors,
-    _read_safetensors,
-    _refuse,
-    _save_tensors,
-    _shape,
-    _split_key,
-    load_lora,
+    dtype_name,
+    full_tensor,
+    shape_of,
 )
+from .adapter_io import (
+    PEFT_CONFIG_NAME,
+    PEFT_PICKLE_WEIGHTS_NAME,
+    PEFT_WEIGHTS_NAME,
+    atomic_write,
+    load_pickle,
+    read_safetensors,
+    save_tensors,
+)
+from .keys import (
+    join_key,
+    module_aliases,
+    module_index,
+    normalize_name,
+    normalized_tensors,
+    split_key,
+)
+from .kinds import CONV_DIMS, is_hf_conv1d, layer_kind
 from .linear import Linear
-from .surgery import _is_hf_conv1d
+from .loading import LoadReport, load_lora, refuse_load
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = ["export_peft", "import_peft", "read_peft"]
@@ -86,12 +86,12 @@ def _peft_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
     """
     by_leaf: dict[str, set] = {}
     for name, value in values.items():
-        by_leaf.setdefault(_split_key(name)[1], set()).add(value)
+        by_leaf.setdefault(split_key(name)[1], set()).add(value)
     full = {_peft_exact(n): v for n, v in values.items() if v != default}
     mixed = {
         _peft_exact(n): v
         for n, v in values.items()
-        if len(by_leaf[_split_key(n)[1]]) > 1 and v != default
+        if len(by_leaf[split_key(n)[1]]) > 1 and v != default
     }
     leaves = {
         leaf: next(iter(vs))
@@ -140,11 +140,11 @@ def export_peft(
         raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={bias!r}")
     entries = []  # (name, layer, PEFT rank, number of fused slices, {key: tensor})
     problems = []
-    index, _ = _module_index(model)
+    index, _ = module_index(model)
     for raw, layer in lora_modules(model):
-        name = _normalize_name(raw)
-        kind = _layer_type(layer)
-        a, b = _full_tensor(layer.lora_A.detach()), _full_tensor(layer.lora_B.detach())
+        name = normalize_name(raw)
+        kind = layer_kind(layer)
+        a, b = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
         n_slices = 1
         if kind == "MergedLinear":
             slices = layer._slices
@@ -156,7 +156,7 @@ def export_peft(
                 b_full[start:stop, i * r : (i + 1) * r] = b[row : row + stop - start]
                 row += stop - start
             b = b_full
-        elif kind in _CONV_DIMS:
+        elif kind in CONV_DIMS:
             if layer.groups != 1 or any(d != 1 for d in layer.dilation):
                 problems.append(
                     f"{name}: PEFT's conv LoRA has no groups/dilation; "
@@ -165,7 +165,7 @@ def export_peft(
             if layer.padding_mode != "zeros":
                 problems.append(f"{name}: padding_mode={layer.padding_mode!r} (PEFT uses zeros)")
             a = a.reshape(layer.r, *layer.weight.shape[1:])
-            b = b.reshape(layer.out_channels, layer.r, *([1] * _CONV_DIMS[kind]))
+            b = b.reshape(layer.out_channels, layer.r, *([1] * CONV_DIMS[kind]))
         prefix = f"base_model.model.{name}"
         if kind == "Embedding":
             tensors = {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
@@ -198,7 +198,7 @@ def export_peft(
     targets = set(ranks)
     lora_children = {n for n in index for t in targets if n.startswith(t + ".") or (not t and n)}
     candidates = [n for n in index if n and n not in lora_children]
-    leaves = sorted({_split_key(n)[1] for n in targets})
+    leaves = sorted({split_key(n)[1] for n in targets})
     selected = {n for n in candidates if any(n == lf or n.endswith("." + lf) for lf in leaves)}
     target_modules: list[str] | str
     if selected == targets:
@@ -240,16 +240,16 @@ def export_peft(
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for *_, t in entries for k, v in t.items()}
     for key, value in lora_state_dict(model, bias=bias).items():
-        name, leaf = _split_key(key)
+        name, leaf = split_key(key)
         if leaf == "bias":  # PEFT wraps LoRA layers: their bias is ``base_layer.bias``
-            name = _normalize_name(name)
+            name = normalize_name(name)
             where = f"{name}.base_layer" if name in targets else name
             tensors[f"base_model.model.{where}.bias"] = value.detach()
-    _save_tensors(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
+    save_tensors(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
     # Top-level keys sorted; rank_pattern / alpha_pattern keep their order, which is the order
     # they were checked in: PEFT uses the first matching key in file order.
     text = json.dumps({k: config[k] for k in sorted(config)}, indent=2) + "\n"
-    _atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return config
 
 
@@ -351,9 +351,9 @@ def _read_peft_config(directory: Path) -> dict[str, Any]:
 
 def _read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, Any]:
     if (directory / PEFT_WEIGHTS_NAME).exists():
-        return _read_safetensors(directory / PEFT_WEIGHTS_NAME)[0]
+        return read_safetensors(directory / PEFT_WEIGHTS_NAME)[0]
     if (directory / PEFT_PICKLE_WEIGHTS_NAME).exists():
-        return _load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
+        return load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
     raise AdapterError(
         f"no weights: neither {PEFT_WEIGHTS_NAME} nor {PEFT_PICKLE_WEIGHTS_NAME} is in "
         f"{str(directory)!r}"
@@ -390,10 +390,10 @@ def read_peft(
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     index, aliases = {}, {}
     if model is not None:
-        index = _module_index(model)[0]
-        aliases = _module_aliases(model, index)[0]
+        index = module_index(model)[0]
+        aliases = module_aliases(model, index)[0]
 
-    tensors, problems = _normalized_tensors(raw)
+    tensors, problems = normalized_tensors(raw)
     found: dict[str, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     biases, base_weights = [], []
@@ -413,15 +413,15 @@ def read_peft(
             if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' weights
                 name = key.removesuffix(".base_layer.weight")
                 base_weights.append(name)
-                out[_key(name, "weight")] = t
+                out[join_key(name, "weight")] = t
                 continue
             key = (
                 key.replace(".base_layer.bias", ".bias")
                 if key.endswith(".base_layer.bias")
                 else key
             )
-            if _split_key(key)[1] == "bias":
-                biases.append(_split_key(key)[0])
+            if split_key(key)[1] == "bias":
+                biases.append(split_key(key)[0])
             out[key] = t  # biases load as-is; anything else is reported as unexpected
     modules: dict[str, LayerSpec] = {}
     for name, parts in found.items():
@@ -450,7 +450,7 @@ def read_peft(
             kind, in_f, out_f = "Linear", int(a.shape[1]), int(b.shape[0])
             if isinstance(existing, Linear):
                 fif = existing.fan_in_fan_out
-            elif _is_hf_conv1d(existing):
+            elif is_hf_conv1d(existing):
                 fif = True  # PEFT always uses fan_in_fan_out for transformers' Conv1D
             elif existing is not None and not isinstance(existing, nn.Linear):
                 fif = fan_in_fan_out
@@ -459,7 +459,7 @@ def read_peft(
             kind, in_f, out_f = f"Conv{a.dim() - 2}d", int(a.shape[1]), int(b.shape[0])
             weight_shape = (out_f, *(int(s) for s in a.shape[1:]))
             if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]) or b.shape[1] != r:
-                problems.append(f"{name}: lora_B {_shape(b)} is not a 1x1 conv of rank {r}")
+                problems.append(f"{name}: lora_B {shape_of(b)} is not a 1x1 conv of rank {r}")
                 continue
             a, b = a.reshape(r, -1), b.reshape(out_f, r)
             padding_mode = getattr(existing, "padding_mode", "zeros")
@@ -480,7 +480,7 @@ def read_peft(
             in_features=in_f,
             out_features=out_f,
             weight_shape=weight_shape,
-            dtype=_dtype_name(a.dtype),
+            dtype=dtype_name(a.dtype),
             use_rslora=use_rslora,
             lora_dropout=0.0 if emb else dropout,
             fan_in_fan_out=fif,
@@ -492,8 +492,8 @@ def read_peft(
             invalid.add(name)
         if name not in invalid:
             modules[name] = spec
-        out[_key(name, "lora_A")] = a
-        out[_key(name, "lora_B")] = b
+        out[join_key(name, "lora_A")] = a
+        out[join_key(name, "lora_B")] = b
     return Adapter(
         tensors=out,
         modules=modules,
@@ -545,5 +545,5 @@ def import_peft(
     except AdapterError as exc:
         pickle_refused = not allow_pickle and not (directory / PEFT_WEIGHTS_NAME).exists()
         pickle_refused &= (directory / PEFT_PICKLE_WEIGHTS_NAME).exists()
-        return _refuse(str(directory), exc.problems, strict or pickle_refused, exc)
+        return refuse_load(str(directory), exc.problems, strict or pickle_refused, exc)
     return load_lora(model, adapter, strict=strict, inject=inject)
