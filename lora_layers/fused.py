@@ -48,6 +48,72 @@ def _carry_base_weights(adapter: Adapter, converted: set[str], tensors: dict) ->
     return adapter.base_weights
 
 
+def _split_layout(
+    adapter: Adapter,
+    name: str,
+    spec: LayerSpec,
+    parts: tuple[str, ...],
+    given: tuple[int, ...] | None,
+) -> tuple[tuple[int, ...], tuple[bool, ...]] | str:
+    """``(sizes, enable)`` to split module ``name`` into ``parts``, or why it cannot be split."""
+    if spec.layer == "MergedLinear":
+        sizes, enable = spec.split_sizes, spec.enable_lora
+        if given is not None and given != sizes:
+            return f"{name}: split_sizes {given} differ from the adapter's {sizes}"
+    elif spec.layer == "Linear":
+        sizes, enable = given, (True,) * len(parts)
+        if sizes is None:
+            return (
+                f"{name}: a whole-matrix Linear adapter needs split_sizes "
+                f"(e.g. phi3_split_sizes(model.config)) to split into {parts}"
+            )
+    else:
+        return f"{name}: a {spec.layer} adapter cannot be split"
+    if len(sizes) != len(parts) or sum(sizes) != spec.out_features:
+        return f"{name}: sizes {sizes} do not split {spec.out_features} outputs into {parts}"
+    parent = split_key(name)[0]
+    clash = [join_key(parent, p) for p in parts if join_key(parent, p) in adapter.modules]
+    if clash:
+        return f"{name}: the adapter already has {clash}"
+    return tuple(sizes), tuple(enable)
+
+
+def _split_parts(
+    spec: LayerSpec,
+    parent: str,
+    parts: tuple[str, ...],
+    sizes: tuple[int, ...],
+    enable: tuple[bool, ...],
+    lora: tuple[torch.Tensor, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    modules: dict[str, LayerSpec],
+) -> None:
+    """Write one ``Linear`` adapter per enabled part into ``tensors`` / ``modules``."""
+    a, b = lora
+    a_row = b_row = 0
+    for part, size, on in zip(parts, sizes, enable, strict=True):
+        if not on:
+            continue
+        pname = join_key(parent, part)
+        if spec.layer == "MergedLinear":
+            a_i = a[a_row : a_row + spec.r]
+            a_row += spec.r
+        else:
+            a_i = a
+        tensors[join_key(pname, "lora_A")] = a_i.clone()
+        tensors[join_key(pname, "lora_B")] = b[b_row : b_row + size].clone()
+        b_row += size
+        shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
+        modules[pname] = dataclasses.replace(
+            spec,
+            layer="Linear",
+            out_features=size,
+            weight_shape=shape,
+            enable_lora=None,
+            split_sizes=None,
+        )
+
+
 def split_fused(
     adapter: Adapter,
     fused: Mapping[str, Sequence[str]] = PHI3_FUSED,
@@ -96,55 +162,12 @@ def split_fused(
             )
             continue
         parts = tuple(fused[leaf])
-        given = _lookup_sizes(split_sizes, name, leaf)
-        if spec.layer == "MergedLinear":
-            sizes, enable = spec.split_sizes, spec.enable_lora
-            if given is not None and given != sizes:
-                problems.append(f"{name}: split_sizes {given} differ from the adapter's {sizes}")
-                continue
-        elif spec.layer == "Linear":
-            sizes, enable = given, (True,) * len(parts)
-            if sizes is None:
-                problems.append(
-                    f"{name}: a whole-matrix Linear adapter needs split_sizes "
-                    f"(e.g. phi3_split_sizes(model.config)) to split into {parts}"
-                )
-                continue
-        else:
-            problems.append(f"{name}: a {spec.layer} adapter cannot be split")
+        found = _split_layout(adapter, name, spec, parts, _lookup_sizes(split_sizes, name, leaf))
+        if isinstance(found, str):
+            problems.append(found)
             continue
-        assert sizes is not None and enable is not None
-        if len(sizes) != len(parts) or sum(sizes) != spec.out_features:
-            problems.append(
-                f"{name}: sizes {sizes} do not split {spec.out_features} outputs into {parts}"
-            )
-            continue
-        clash = [join_key(parent, p) for p in parts if join_key(parent, p) in adapter.modules]
-        if clash:
-            problems.append(f"{name}: the adapter already has {clash}")
-            continue
-        a_row = b_row = 0
-        for part, size, on in zip(parts, sizes, enable, strict=True):
-            if not on:
-                continue
-            pname = join_key(parent, part)
-            if spec.layer == "MergedLinear":
-                a_i = a[a_row : a_row + spec.r]
-                a_row += spec.r
-            else:
-                a_i = a
-            tensors[join_key(pname, "lora_A")] = a_i.clone()
-            tensors[join_key(pname, "lora_B")] = b[b_row : b_row + size].clone()
-            b_row += size
-            shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
-            modules[pname] = dataclasses.replace(
-                spec,
-                layer="Linear",
-                out_features=size,
-                weight_shape=shape,
-                enable_lora=None,
-                split_sizes=None,
-            )
+        sizes, enable = found
+        _split_parts(spec, parent, parts, sizes, enable, (a, b), tensors, modules)
         split_done[name] = (parent, sizes, parts)
     if problems:
         raise AdapterError(problems, context="cannot split the fused adapters")
@@ -167,6 +190,47 @@ def split_fused(
         bias=adapter.bias,
         source=f"split_fused({adapter.source})",
     )
+
+
+_SHARED = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
+_SHARED += ("merge_weights", "in_features", "dtype")
+
+
+def _fuse_problems(
+    adapter: Adapter,
+    fname: str,
+    members: dict[int, str],
+    parts: tuple[str, ...],
+    sizes: tuple[int, ...] | None,
+) -> list[str]:
+    """Why the part adapters ``members`` (slice index -> name) cannot become ``fname``."""
+    specs = {i: adapter.modules[n] for i, n in members.items()}
+    first = specs[min(specs)]
+    bad = [f"{members[i]} is a {s.layer}" for i, s in specs.items() if s.layer != "Linear"]
+    bad += [
+        f"{members[i]} has {f}={getattr(s, f)!r}, {members[min(specs)]} has {getattr(first, f)!r}"
+        for i, s in specs.items()
+        for f in _SHARED
+        if getattr(s, f) != getattr(first, f)
+    ]
+    if sizes is None:
+        bad.append(
+            f"pass split_sizes for {split_key(fname)[1]!r}: not every part of {parts} has an adapter"
+        )
+    elif len(sizes) != len(parts):
+        bad.append(f"split_sizes {sizes} do not match the parts {parts}")
+    else:
+        bad += [
+            f"{members[i]} has {s.out_features} outputs, split_sizes say {sizes[i]}"
+            for i, s in specs.items()
+            if s.out_features != sizes[i]
+        ]
+    if fname in adapter.modules:
+        bad.append(f"the adapter already has {fname}")
+    with_bias = [n for n in members.values() if n in adapter.biases]
+    if with_bias and len(with_bias) != len(parts):
+        bad.append(f"only {with_bias} of {parts} have a stored bias")
+    return bad
 
 
 def fuse_separate(
@@ -211,39 +275,17 @@ def fuse_separate(
         for x in LORA_LEAVES
     }
     problems = []
-    shared = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
-    shared += ("merge_weights", "in_features", "dtype")
     fused_bias: dict[str, list[str]] = {}
     for fname, members in groups.items():
         fl = split_key(fname)[1]
         parts = tuple(fused[fl])
         specs = {i: adapter.modules[n] for i, n in members.items()}
         first = specs[min(specs)]
-        bad = [f"{members[i]} is a {s.layer}" for i, s in specs.items() if s.layer != "Linear"]
-        bad += [
-            f"{members[i]} has {f}={getattr(s, f)!r}, {members[min(specs)]} has {getattr(first, f)!r}"
-            for i, s in specs.items()
-            for f in shared
-            if getattr(s, f) != getattr(first, f)
-        ]
         sizes = _lookup_sizes(split_sizes, fname, fl)
         if sizes is None and len(specs) == len(parts):
             sizes = tuple(specs[i].out_features for i in range(len(parts)))
-        if sizes is None:
-            bad.append(f"pass split_sizes for {fl!r}: not every part of {parts} has an adapter")
-        elif len(sizes) != len(parts):
-            bad.append(f"split_sizes {sizes} do not match the parts {parts}")
-        else:
-            bad += [
-                f"{members[i]} has {s.out_features} outputs, split_sizes say {sizes[i]}"
-                for i, s in specs.items()
-                if s.out_features != sizes[i]
-            ]
-        if fname in adapter.modules:
-            bad.append(f"the adapter already has {fname}")
+        bad = _fuse_problems(adapter, fname, members, parts, sizes)
         with_bias = [n for n in members.values() if n in adapter.biases]
-        if with_bias and len(with_bias) != len(parts):
-            bad.append(f"only {with_bias} of {parts} have a stored bias")
         if bad:
             problems += [f"{fname}: {p}" for p in bad]
             continue
