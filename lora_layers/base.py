@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -176,6 +177,8 @@ class LoRALayer:
     lora_dropout: nn.Module
     merged_weight: torch.Tensor | None
     weight: nn.Parameter
+    #: The torch layer type(s) this LoRA layer replaces: what ``from_module`` accepts.
+    wraps: ClassVar[type[nn.Module]]
 
     def _setup_lora(
         self,
@@ -219,8 +222,65 @@ class LoRALayer:
         # Copy the mode without merging: an eval-mode layer merges on its next eval() call.
         nn.Module.train(self, module.training)
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+    def lora_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``lora_A`` and ``lora_B`` (each layer kind says its own)."""
         raise NotImplementedError
+
+    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self.r == 0:
+            return
+        shape_a, shape_b = self.lora_shapes()
+        self.lora_A = nn.Parameter(torch.empty(shape_a, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(shape_b, device=device, dtype=dtype))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform (a=sqrt(5)), as torch initialises the base weight; B zeros.
+
+        The update ``B @ A`` is then exactly zero; layers that initialise otherwise say so.
+        """
+        if self.r == 0:
+            return
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.unmerge()
+
+    @classmethod
+    def module_args(cls, module: nn.Module) -> dict[str, Any]:
+        """The constructor arguments that rebuild ``module``'s base layer (sizes, settings)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, lora_dtype: torch.dtype | None = None, **lora_args: Any
+    ) -> LoRALayer:
+        """Wrap an existing torch layer, sharing (not copying) its ``weight`` and ``bias``.
+
+        The new layer is built on the meta device and takes the module's own Parameters, so
+        this works on meta-device models; the LoRA parameters are created on the weight's
+        device.
+
+        Args:
+            module (nn.Module): The layer to wrap, an instance of ``cls.wraps``.
+            lora_dtype (torch.dtype | None): Dtype of ``lora_A`` / ``lora_B`` (default: the
+                weight's), e.g. ``torch.float32`` on a bf16 base.
+            **lora_args: The constructor's LoRA arguments: ``r``, ``lora_alpha``,
+                ``lora_dropout`` (not for ``Embedding``), ``merge_weights``, ``use_rslora``,
+                and ``enable_lora`` / ``split_sizes`` for ``MergedLinear``.
+
+        Returns:
+            LoRALayer: A new layer whose ``weight`` / ``bias`` are the module's Parameters.
+
+        Raises:
+            TypeError: If ``module`` is not a ``cls.wraps``, or an argument is unknown.
+            AlreadyWrappedError: If ``module`` already has LoRA.
+            ValueError: For invalid LoRA hyper-parameters (or slices).
+        """
+        check_wrappable(module, cls.wraps)
+        with torch.device("meta"):
+            layer = cls(**cls.module_args(module), **lora_args)
+        layer.adopt(module, lora_dtype)
+        return layer
 
     def _compute_scaling(self, r: int) -> float:
         return lora_scaling(r, self.lora_alpha, self.use_rslora)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import check_wrappable
 from .config import check_slices
 from .linear import Linear
 
@@ -95,15 +94,10 @@ class MergedLinear(Linear):
             bounds.append(bounds[-1] + size)
         return tuple((bounds[i], bounds[i + 1]) for i, on in enumerate(self.enable_lora) if on)
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        if self.r == 0:
-            return
-        kw = {"device": device, "dtype": dtype}
-        n_enabled = len(self._slices)
-        b_rows = sum(stop - start for start, stop in self._slices)
-        self.lora_A = nn.Parameter(torch.empty(self.r * n_enabled, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(b_rows, self.r, **kw))
-        self.reset_lora_parameters()
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r * n_enabled, in)``; ``lora_B``: ``(enabled rows, r)``."""
+        rows = sum(stop - start for start, stop in self._slices)
+        return (self.r * len(self._slices), self.in_features), (rows, self.r)
 
     def reset_lora_parameters(self) -> None:
         """Each slice's A block kaiming-uniform (a=sqrt(5)), as its own ``nn.Linear``; B zeros."""
@@ -113,57 +107,6 @@ class MergedLinear(Linear):
             nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         self.unmerge()
-
-    @classmethod
-    def from_module(
-        cls,
-        module: nn.Linear,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        enable_lora: Sequence[bool] = (False,),
-        split_sizes: Sequence[int] | None = None,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-    ) -> MergedLinear:
-        """Wrap a fused ``nn.Linear``, sharing (not copying) its ``weight`` and ``bias``.
-
-        Args:
-            module (nn.Linear): The fused projection to wrap. Works on meta-device layers.
-            r (int): Rank of each enabled slice's update.
-            lora_alpha (float): Scaling numerator.
-            lora_dropout (float): Dropout probability on the LoRA branch's input.
-            enable_lora (Sequence[bool]): Which slices get LoRA.
-            split_sizes (Sequence[int] | None): Slice sizes (default: equal).
-            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
-            use_rslora (bool): Rank-stabilised scaling.
-            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default: weight's).
-
-        Returns:
-            MergedLinear: A new layer whose ``weight``/``bias`` are the module's Parameters.
-
-        Raises:
-            TypeError: If ``module`` is not an ``nn.Linear``.
-            AlreadyWrappedError: If ``module`` already has LoRA.
-            ValueError: For invalid slices or LoRA hyper-parameters.
-        """
-        check_wrappable(module, nn.Linear)
-        with torch.device("meta"):
-            layer = cls(
-                module.in_features,
-                module.out_features,
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                enable_lora=enable_lora,
-                merge_weights=merge_weights,
-                split_sizes=split_sizes,
-                bias=module.bias is not None,
-                use_rslora=use_rslora,
-            )
-        layer.adopt(module, lora_dtype)
-        return layer
 
     def delta_weight(self) -> torch.Tensor:
         """Per-slice ``scaling * B_i @ A_i`` placed in its rows, zeros elsewhere, in fp32.
