@@ -178,15 +178,9 @@ class LayerSpec:
         fused = None
         if self.layer == "MergedLinear":
             fused = FusedSpec(tuple(self.split_sizes), tuple(self.enable_lora))
-        return LoRAConfig(
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            use_rslora=self.use_rslora,
-            merge_weights=self.merge_weights,
-            lora_dtype=dtype_from_name(self.dtype),
-            fused=fused,
-        )
+        dtype = dtype_from_name(self.dtype)
+        settings = (self.lora_dropout, self.use_rslora, self.merge_weights, dtype, fused)
+        return LoRAConfig(self.r, self.lora_alpha, *settings)
 
     def problems(self) -> list[str]:
         """Everything wrong with this spec (empty when it is valid)."""

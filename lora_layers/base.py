@@ -250,6 +250,19 @@ class LoRALayer:
         """The constructor arguments that rebuild ``module``'s base layer (sizes, settings)."""
         raise NotImplementedError
 
+    def plain_module(self) -> nn.Module:
+        """A torch layer of the kind this layer replaces, with its settings and no Parameters.
+
+        Built on the meta device with ``weight`` / ``bias`` set to None, for
+        :func:`~lora_layers.unload` to give the Parameters to.
+        """
+        with torch.device("meta"):
+            plain = self.wraps(**self.module_args(self))
+        for leaf in ("weight", "bias"):
+            if leaf in plain._parameters:
+                plain._parameters[leaf] = None
+        return plain
+
     @classmethod
     def from_module(
         cls, module: nn.Module, lora_dtype: torch.dtype | None = None, **lora_args: Any

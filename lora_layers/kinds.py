@@ -2,7 +2,7 @@
 
 :data:`LAYER_KINDS` maps the name a layer has in adapter files to its LoRA class and the torch
 class it replaces. Every other module asks this one: surgery (:func:`check_target`,
-:func:`build_layer`, :func:`plain_like`), adapter files (:func:`layer_kind`,
+:func:`build_layer`), adapter files (:func:`layer_kind`,
 :func:`layer_sizes`) and PEFT interop. Adding a layer kind is one class plus one entry here.
 transformers' ``Conv1D`` (GPT-2) is a linear layer storing its weight ``(in, out)``: it gets a
 ``fan_in_fan_out`` :class:`~lora_layers.Linear`.
@@ -30,7 +30,6 @@ __all__ = [
     "layer_kind",
     "layer_sizes",
     "out_features",
-    "plain_like",
     "wrappable_kind",
 ]
 
@@ -158,52 +157,3 @@ def layer_sizes(layer: LoRALayer) -> tuple[int, int]:
     if isinstance(layer, (Conv1d, Conv2d, Conv3d)):
         return layer.in_channels, layer.out_channels
     return layer.in_features, layer.out_features
-
-
-def _plain_linear(layer: Linear) -> nn.Module:
-    if not layer.fan_in_fan_out:
-        return nn.Linear(layer.in_features, layer.out_features, bias=False)
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError as err:  # pragma: no cover - transformers is installed
-        raise TypeError("unloading a fan_in_fan_out Linear needs transformers' Conv1D") from err
-    return Conv1D(layer.out_features, layer.in_features)
-
-
-def plain_like(layer: LoRALayer) -> nn.Module:
-    """A parameter-less torch layer of ``layer``'s kind and settings, built on meta.
-
-    Used to unload layers that were built directly rather than wrapped from a module.
-
-    Raises:
-        TypeError: For a layer kind without a way back.
-    """
-    with torch.device("meta"):
-        if isinstance(layer, Linear):
-            plain = _plain_linear(layer)
-        elif isinstance(layer, Embedding):
-            return nn.Embedding(
-                layer.num_embeddings,
-                layer.embedding_dim,
-                padding_idx=layer.padding_idx,
-                max_norm=layer.max_norm,
-                norm_type=layer.norm_type,
-                scale_grad_by_freq=layer.scale_grad_by_freq,
-                sparse=layer.sparse,
-            )
-        elif isinstance(layer, (Conv1d, Conv2d, Conv3d)):
-            plain = LAYER_KINDS[layer_kind(layer)][1](
-                layer.in_channels,
-                layer.out_channels,
-                layer.kernel_size,
-                stride=layer.stride,
-                padding=layer.padding,
-                dilation=layer.dilation,
-                groups=layer.groups,
-                bias=False,
-                padding_mode=layer.padding_mode,
-            )
-        else:
-            raise TypeError(f"do not know how to unload {type(layer).__name__}")
-    plain._parameters["bias"] = None
-    return plain

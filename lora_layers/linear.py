@@ -84,6 +84,19 @@ class Linear(LoRALayer, nn.Linear):
             "bias": module.bias is not None,
         }
 
+    def plain_module(self) -> nn.Module:
+        """As :meth:`LoRALayer.plain_module`; transformers' ``Conv1D`` with ``fan_in_fan_out``."""
+        if not self.fan_in_fan_out:
+            return super().plain_module()
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError as err:  # pragma: no cover - transformers is installed
+            raise TypeError("unloading a fan_in_fan_out Linear needs transformers' Conv1D") from err
+        with torch.device("meta"):
+            plain = Conv1D(self.out_features, self.in_features)
+        plain._parameters.update(weight=None, bias=None)
+        return plain
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32, shape ``(out, in)`` (``(in, out)`` with fan_in_fan_out)."""
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)

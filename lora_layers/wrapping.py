@@ -19,7 +19,7 @@ from torch import nn
 from .base import LoRALayer
 from .config import LoRAConfig
 from .input_grads import remove_input_require_grads
-from .kinds import build_layer, plain_like
+from .kinds import build_layer
 from .matching import walk_modules
 from .utils import lora_modules
 
@@ -152,7 +152,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def _plain_layer(layer: LoRALayer, weight: nn.Parameter) -> nn.Module:
     shell = layer.__dict__.get(_SHELL)
-    plain = copy.copy(shell) if shell is not None else plain_like(layer)
+    plain = copy.copy(shell) if shell is not None else layer.plain_module()
     plain.__dict__["_parameters"] = dict(plain._parameters)
     plain.weight = weight
     if "bias" in plain._parameters:
