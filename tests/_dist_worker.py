@@ -17,10 +17,11 @@ import torch.distributed as dist
 from torch import nn
 
 import lora_layers
-from tests._phi3_lora import global_batch, lora_phi3
+from tests.helpers import lora_phi3, phi3_ids
 
 STEPS = 3
 LR, MOMENTUM = 0.02, 0.9
+GLOBAL_IDS = phi3_ids(batch=4, seq=8)  # the whole batch: rank k trains on chunk k
 
 
 def _unshard(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def train(model: nn.Module, ids: torch.Tensor, steps: int = STEPS) -> dict:
 
 
 def _local_batch(rank: int, world: int) -> torch.Tensor:
-    return global_batch().chunk(world)[rank]
+    return GLOBAL_IDS.chunk(world)[rank]
 
 
 def ddp(rank: int, world: int, out: Path) -> dict:

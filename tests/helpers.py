@@ -1,8 +1,12 @@
-"""Shared test helpers: the dtype tolerance table, seeding, and a tiny Phi-3 builder."""
+"""Shared test helpers: the dtype tolerance table, the tiny Phi-3 (plain and with LoRA), its
+token ids and logits, random non-zero LoRA weights, gradients and state snapshots."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 # One dtype -> (rtol, atol) table for every comparison against a dense reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -19,12 +23,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol)
 
 
+PHI3_VOCAB = 128  # the tiny Phi-3's vocabulary; ids 0-2 are its pad, bos and eos tokens
+
+
 def tiny_phi3_config(gqa: bool = True, **overrides):
     """A small ``Phi3Config``: hidden 64, 2 layers, 8 heads (2 kv heads with ``gqa``)."""
     from transformers import Phi3Config
 
     kwargs = dict(
-        vocab_size=128,
+        vocab_size=PHI3_VOCAB,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -92,20 +99,127 @@ def fill_all_(model, std: float = 0.3):
     return model
 
 
+def lora_tiny_phi3(
+    targets,
+    *,
+    seed: int = 0,
+    gqa: bool = True,
+    dtype: torch.dtype = torch.float32,
+    std: float = 0.3,
+    fill_seed: int | None = None,
+    train: bool = False,
+    **inject_kwargs,
+) -> nn.Module:
+    """The one tiny-Phi-3-with-LoRA builder: every A and B random and non-zero.
+
+    Args:
+        targets: ``target_modules`` of ``inject_lora``.
+        seed: Seed of the base model's weights (:func:`tiny_phi3`).
+        gqa: Two key/value heads instead of eight.
+        dtype: Dtype of the base model.
+        std: Standard deviation of the LoRA weights (:func:`fill_all_`).
+        fill_seed: Global seed set before filling them (default ``seed + 100``).
+        train: Return the model in training mode instead of eval mode.
+        **inject_kwargs: Further ``inject_lora`` arguments (default ``r=4, lora_alpha=8``).
+
+    Returns:
+        The model.
+    """
+    import lora_layers
+
+    model = tiny_phi3(seed, gqa=gqa, dtype=dtype)
+    lora_layers.inject_lora(model, targets, **{"r": 4, "lora_alpha": 8, **inject_kwargs})
+    torch.manual_seed(seed + 100 if fill_seed is None else fill_seed)
+    return fill_all_(model, std=std).train(train)
+
+
 def phi3_q_and_v(seed: int = 0, gqa: bool = True, **inject_kwargs):
     """A tiny Phi-3 (eval mode) with LoRA on q and v of ``qkv_proj``, both halves of
     ``gate_up_proj`` and a rank-2 ``o_proj``, every A and B random and non-zero."""
-    import lora_layers
-
-    model = tiny_phi3(seed, gqa=gqa)
-    lora_layers.inject_lora(
-        model,
+    return lora_tiny_phi3(
         ["o_proj"],
-        r=4,
-        lora_alpha=8,
+        seed=seed,
+        gqa=gqa,
         fused={"qkv_proj": "qv", "gate_up_proj": "gate,up"},
         rank_pattern={"o_proj": 2},
         **inject_kwargs,
     )
-    torch.manual_seed(seed + 100)
-    return fill_all_(model).eval()
+
+
+def lora_phi3(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    lora_dtype: torch.dtype | None = None,
+    **inject_kwargs,
+) -> nn.Module:
+    """The tiny Phi-3 with LoRA that the compile and distributed tests share, in training mode.
+
+    LoRA on q and v of every fused ``qkv_proj``, both halves of every ``gate_up_proj``, and on
+    ``o_proj`` / ``down_proj``; layer 0's ``o_proj`` has rank 1, so under FSDP2 on two ranks its
+    ``lora_A`` (shape ``(1, hidden)``) has an empty local shard on rank 1: the case where naive
+    adapter saving writes shape-``[0]`` tensors.
+    """
+    return lora_tiny_phi3(
+        ["o_proj", "down_proj"],
+        seed=seed,
+        dtype=dtype,
+        std=0.1,
+        fill_seed=seed + 1,
+        train=True,
+        fused={"qkv_proj": "qv", "gate_up_proj": "all"},
+        rank_pattern={"layers.0.self_attn.o_proj": 1},
+        lora_dtype=lora_dtype,
+        **inject_kwargs,
+    )
+
+
+def phi3_ids(batch: int = 2, seq: int = 9, seed: int = 0) -> torch.Tensor:
+    """Seeded token ids ``(batch, seq)`` for the tiny Phi-3, without its special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, PHI3_VOCAB, (batch, seq), generator=g)
+
+
+PHI3_IDS = phi3_ids()
+
+
+def logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits for ``ids`` (default :data:`PHI3_IDS`), computed without autograd."""
+    with torch.no_grad():
+        return model(input_ids=PHI3_IDS if ids is None else ids).logits
+
+
+def lora_grads(
+    model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], seed: int = 0
+) -> dict[str, torch.Tensor | None]:
+    """Every LoRA parameter's gradient of ``loss_fn(model)``, by parameter name.
+
+    The global seed is set to ``seed`` first, so dropout draws the same masks in every call;
+    the model's gradients are cleared (set to None) afterwards.
+    """
+    import lora_layers
+
+    torch.manual_seed(seed)
+    loss_fn(model).backward()
+    grads = {
+        f"{name}.{p}": getattr(layer, p).grad
+        for name, layer in lora_layers.lora_modules(model)
+        for p in ("lora_A", "lora_B")
+    }
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def snapshot(model: nn.Module) -> dict[str, object]:
+    """Every tensor of the state dict (cloned) and every module's type, by name."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    return {"state": state, "types": types}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
+    """Asserts ``model`` still has the module types and exact tensors of ``snapshot``."""
+    after = snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k

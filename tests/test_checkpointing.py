@@ -10,24 +10,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_layers import enable_input_require_grads, inject_lora, lora_modules, unload
-from tests.helpers import tiny_phi3
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (2, 9), generator=g)
+from tests.helpers import lora_grads, lora_tiny_phi3, phi3_ids, tiny_phi3
 
 
 def lora_model(seed: int = 0, **kwargs) -> nn.Module:
-    """A tiny Phi-3 with LoRA on every linear layer but the head, B non-zero, in train mode."""
-    model = tiny_phi3(seed=seed)
-    kwargs.setdefault("target_modules", "all-linear")
-    inject_lora(model, r=4, lora_alpha=8, fused={"qkv_proj": "qv"}, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return model.train()
+    """A tiny Phi-3 with LoRA on every linear layer but the head, A and B random, in train mode."""
+    targets = kwargs.pop("target_modules", "all-linear")
+    return lora_tiny_phi3(
+        targets, seed=seed, std=0.1, train=True, fused={"qkv_proj": "qv"}, **kwargs
+    )
 
 
 def enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
@@ -38,26 +29,20 @@ def enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
         )
 
 
-def lora_grads(model: nn.Module, seed: int = 2) -> dict[str, torch.Tensor | None]:
-    torch.manual_seed(seed)  # the same dropout masks in every run
-    x = ids()
-    model(input_ids=x, labels=x).loss.backward()
-    return {
-        f"{name}.{p}": getattr(layer, p).grad
-        for name, layer in lora_modules(model)
-        for p in ("lora_A", "lora_B")
-    }
+def lm_loss(model: nn.Module) -> torch.Tensor:
+    x = phi3_ids(seed=1)
+    return model(input_ids=x, labels=x).loss
 
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.05], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_checkpointed_step_gives_exact_nonzero_grads(use_reentrant, lora_dropout):
-    reference = lora_grads(lora_model(lora_dropout=lora_dropout))
+    reference = lora_grads(lora_model(lora_dropout=lora_dropout), lm_loss)
     model = lora_model(lora_dropout=lora_dropout)
     enable_checkpointing(model, use_reentrant)
     embed = model.get_input_embeddings()
     assert not embed.weight.requires_grad  # frozen embeddings
-    grads = lora_grads(model)
+    grads = lora_grads(model, lm_loss)
     assert embed.weight.grad is None
     assert len(grads) == 2 * 4 * 2  # A and B of 4 layers in each of 2 blocks
     for name, grad in grads.items():
@@ -77,12 +62,12 @@ def test_reentrant_without_input_grads_raises_and_our_hook_fixes_it():
         pytest.raises(RuntimeError, match=r"use_reentrant=True\) whose inputs do not require"),
     ):
         warnings.simplefilter("ignore", UserWarning)  # torch: "None of the inputs have ..."
-        lora_grads(bare)
+        lora_grads(bare, lm_loss)
 
     model = lora_model(target_modules=["all-linear", "lm_head"])  # our hook is on by default
     enable_checkpointing(model, use_reentrant=True)
     model.disable_input_require_grads()
-    grads = lora_grads(model)
+    grads = lora_grads(model, lm_loss)
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
@@ -128,4 +113,4 @@ def test_enable_input_require_grads_is_idempotent_and_follows_replaced_embedding
     assert len(model.model.embed_tokens._forward_hooks) == 1
     assert enable_input_require_grads(nn.Linear(2, 2)) is None  # no input embeddings
     with torch.no_grad():
-        assert not model.model.embed_tokens(ids()).requires_grad  # inactive without grad
+        assert not model.model.embed_tokens(phi3_ids()).requires_grad  # inactive without grad

@@ -19,8 +19,7 @@ from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
 import lora_layers
-from tests._phi3_lora import global_batch, lora_phi3
-from tests.helpers import assert_close, fill_lora_
+from tests.helpers import assert_close, fill_lora_, lora_phi3, phi3_ids
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +187,7 @@ def test_dropout_path_compiles_and_matches_eager_with_the_same_seed():
 
 def test_tiny_phi3_with_lora_compiles_fullgraph_and_matches_eager():
     model = lora_phi3()
-    ids = global_batch(batch=2)
+    ids = phi3_ids(batch=2, seq=8)
     backend = GraphCounter()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
 

@@ -1,6 +1,6 @@
 """DDP and FSDP2 on two CPU ``gloo`` processes, spawned here, against a single-process run.
 
-Both ranks train the tiny Phi-3 with LoRA (``tests/_phi3_lora.py``) for a few SGD-with-momentum
+Both ranks train the tiny Phi-3 with LoRA (``tests.helpers.lora_phi3``) for a few SGD-with-momentum
 steps, each on its half of one global batch; a single process trains the same model on the
 whole batch. Gradients are averaged over ranks and every rank sees the same number of tokens,
 so the LoRA gradients and updated parameters must match (fp32, 1e-5). One spawn runs every
@@ -24,8 +24,7 @@ import torch.multiprocessing as mp
 
 import lora_layers
 from tests import _dist_worker
-from tests._phi3_lora import global_batch, lora_phi3
-from tests.helpers import assert_close
+from tests.helpers import assert_close, lora_phi3
 
 WORLD = 2
 TIMEOUT_S = 240
@@ -59,12 +58,12 @@ def ranks(tmp_path_factory) -> list[dict]:
 def reference() -> dict:
     """The single-process run on the whole global batch."""
     model = lora_phi3(merge_weights=True)
-    result = _dist_worker.train(model, global_batch())
+    result = _dist_worker.train(model, _dist_worker.GLOBAL_IDS)
     result["lora"] = {k: v.clone() for k, v in lora_layers.lora_state_dict(model).items()}
     model.eval()
     lora_layers.unmerge_lora(model)  # sharded layers run unmerged: compare like with like
     with torch.no_grad():
-        result["eval_logits"] = model(input_ids=global_batch()).logits
+        result["eval_logits"] = model(input_ids=_dist_worker.GLOBAL_IDS).logits
     return result
 
 

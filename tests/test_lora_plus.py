@@ -29,7 +29,7 @@ from torch import nn
 
 import lora_layers
 from lora_layers import lora_plus_param_groups
-from tests.helpers import fill_all_, tiny_phi3
+from tests.helpers import fill_all_, lora_tiny_phi3, phi3_ids, tiny_phi3
 
 LR, RATIO, LR_EMB, WD = 1e-3, 8.0, 1e-5, 0.05
 PEFT_KW = {
@@ -44,14 +44,12 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "variants.md"
 def phi3_with_lora() -> nn.Module:
     """Tiny Phi-3: LoRA on q&v of ``qkv_proj``, ``o_proj`` and ``embed_tokens``; the final
     norm (a 1-D RMSNorm scale) and ``lm_head`` trainable too; every A and B non-zero."""
-    model = tiny_phi3()
-    lora_layers.inject_lora(
-        model, ["o_proj", "embed_tokens"], r=4, lora_alpha=8, fused={"qkv_proj": "qv"}
+    model = lora_tiny_phi3(
+        ["o_proj", "embed_tokens"], fused={"qkv_proj": "qv"}, fill_seed=1, train=True
     )
     model.model.norm.weight.requires_grad_(True)
     model.lm_head.weight.requires_grad_(True)
-    torch.manual_seed(1)
-    return fill_all_(model).train()
+    return model
 
 
 class Toy(nn.Module):
@@ -201,7 +199,7 @@ def test_adamw_step_moves_b_at_lr_times_ratio_and_a_at_lr():
     optimizer = torch.optim.AdamW(lora_plus_param_groups(model, LR, RATIO))
     layer = model.model.layers[0].self_attn.qkv_proj
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids = phi3_ids(seq=8)
 
     loss = model(ids, labels=ids).loss
     loss.backward()

@@ -14,25 +14,16 @@ from torch import nn
 
 import lora_layers
 from lora_layers import AdapterError, AdapterLoadError, export_peft, import_peft
-from tests.helpers import fill_all_, phi3_q_and_v, tiny_phi3
+from tests.helpers import (
+    assert_unchanged,
+    fill_all_,
+    logits,
+    phi3_q_and_v,
+    snapshot,
+    tiny_phi3,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def peft_logits(directory) -> torch.Tensor:

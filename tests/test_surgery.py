@@ -31,7 +31,9 @@ from lora_layers import (
     unmerge_lora,
     wrap_module,
 )
-from tests.helpers import assert_close, tiny_phi3, tiny_phi3_config
+from tests.helpers import assert_close, logits, tiny_phi3, tiny_phi3_config
+from tests.helpers import fill_all_ as randomize_lora
+from tests.helpers import phi3_ids as ids
 
 # PEFT calls a transformers method that transformers 5 deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -48,25 +50,6 @@ PHI3_MEDIUM = dict(
 
 
 # --------------------------------------------------------------------------- helpers
-def ids(n: int = 11, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (batch, n), generator=g)
-
-
-def randomize_lora(model: nn.Module, seed: int = 0) -> None:
-    """Make every lora_B (and lora_A) non-zero, so the update is visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_modules(model):
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
-
-
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
 def qkv_sizes(config) -> tuple[int, int, int]:
     head_dim = config.hidden_size // config.num_attention_heads
     return (
@@ -523,7 +506,7 @@ def test_generate_and_save_pretrained_keep_working(tmp_path):
     inject_lora(model, "all-linear", r=4, lora_alpha=8, fused={"qkv_proj": "qv"})
     randomize_lora(model)
     assert type(model) is transformers.Phi3ForCausalLM
-    x = ids(n=5, batch=1)
+    x = ids(batch=1, seq=5)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     tokens = model.generate(x, **kwargs)
     assert tokens.shape == (1, 9)

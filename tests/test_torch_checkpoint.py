@@ -9,6 +9,7 @@ in ``test_checkpointing.py``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lora_layers
-from tests.helpers import assert_close, fill_lora_
+from tests.helpers import assert_close, fill_lora_, lora_grads
 
 VOCAB, DIM = 32, 16
 
@@ -71,22 +72,23 @@ def make_net() -> Net:
     return net.train()
 
 
-def lora_grads(net: nn.Module, ids: torch.Tensor, use_reentrant: bool | None) -> dict:
-    torch.manual_seed(123)  # the same dropout masks in every run
-    logits = net(ids, use_reentrant=use_reentrant)
-    F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
-    grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
-    net.zero_grad(set_to_none=True)
-    return grads
-
-
 IDS = torch.randint(0, VOCAB, (2, 6))
+
+
+def ce_loss(use_reentrant: bool | None) -> Callable[[nn.Module], torch.Tensor]:
+    """The net's cross-entropy on ``IDS``, blocks checkpointed as asked (None: not at all)."""
+
+    def loss(net: nn.Module) -> torch.Tensor:
+        logits = net(IDS, use_reentrant=use_reentrant)
+        return F.cross_entropy(logits.flatten(0, 1), IDS.flatten())
+
+    return loss
 
 
 def test_non_reentrant_checkpoint_matches_no_checkpoint_with_frozen_inputs():
     net = make_net()
-    expected = lora_grads(net, IDS, use_reentrant=None)
-    got = lora_grads(net, IDS, use_reentrant=False)
+    expected = lora_grads(net, ce_loss(None))
+    got = lora_grads(net, ce_loss(False))
     assert got.keys() == expected.keys()
     for name, grad in got.items():
         assert grad is not None, name
@@ -97,9 +99,9 @@ def test_non_reentrant_checkpoint_matches_no_checkpoint_with_frozen_inputs():
 
 def test_reentrant_checkpoint_matches_no_checkpoint_when_input_requires_grad():
     net = make_net()
-    expected = lora_grads(net, IDS, use_reentrant=None)
+    expected = lora_grads(net, ce_loss(None))
     lora_layers.enable_input_require_grads(net, module=net.emb)  # the documented fix
-    got = lora_grads(net, IDS, use_reentrant=True)
+    got = lora_grads(net, ce_loss(True))
     for name, grad in got.items():
         assert grad is not None, name
         assert_close(grad, expected[name])
