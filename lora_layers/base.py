@@ -8,11 +8,13 @@ are computed.
 
 Merging never touches ``weight``. The merged weight
 
-    W' = (W.float() + delta_weight()).to(W.dtype)
+    W' = (W.to(c) + delta_weight()).to(W.dtype)
 
-is computed in fp32, rounded once and kept in a separate non-persistent buffer
-``merged_weight``. Unmerging drops that buffer, so the base weight is bit-identical to the
-original after any number of merges, and ``state_dict()`` always holds the original weight.
+is computed in ``c``, float64 when the weight or ``lora_A`` / ``lora_B`` are float64 and
+float32 otherwise (never below the weight's precision), rounded once and kept in a separate
+non-persistent buffer ``merged_weight``. Unmerging drops that buffer, so the base weight is
+bit-identical to the original after any number of merges, and ``state_dict()`` always holds
+the original weight.
 The cost is one extra weight-sized tensor per layer while it is merged; ``merge_and_unload``
 (in :mod:`lora_layers.surgery`) frees it by making the merged tensor the layer's only weight.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -41,13 +45,13 @@ def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None
 
     Args:
         r: The rank; a non-negative ``int``.
-        lora_alpha: The scaling numerator; a positive real number when ``r > 0``.
+        lora_alpha: The scaling numerator; a finite real number, positive when ``r > 0``.
         lora_dropout: Dropout probability on the LoRA branch's input, in ``[0, 1)``.
 
     Raises:
         TypeError: If ``r`` is not an int or ``lora_alpha`` / ``lora_dropout`` are not numbers.
-        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, or ``lora_dropout``
-            is outside ``[0, 1)``.
+        ValueError: If ``r < 0``, ``lora_alpha`` is NaN or infinite, ``lora_alpha <= 0``
+            with ``r > 0``, or ``lora_dropout`` is outside ``[0, 1)``.
     """
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be a non-negative int, got {r!r} ({type(r).__name__})")
@@ -55,6 +59,12 @@ def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None
         raise ValueError(f"r must be a non-negative int, got r={r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
         raise TypeError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    try:
+        finite = math.isfinite(lora_alpha)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"lora_alpha must be a finite number, got lora_alpha={lora_alpha}")
     if r > 0 and not lora_alpha > 0:
         raise ValueError(f"lora_alpha must be > 0 when r > 0, got lora_alpha={lora_alpha}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
@@ -151,6 +161,11 @@ def _reentrant_checkpoint_inputs_need_grad() -> bool | None:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of ``tensor``; None for inference tensors (they have none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class LoRALayer:
     """Mixin holding the LoRA hyper-parameters, the merge state and the merge arithmetic.
 
@@ -198,7 +213,7 @@ class LoRALayer:
         self.disable_adapters = False
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.register_buffer("merged_weight", None, persistent=False)
-        self._merged_versions: tuple[int, ...] = ()  # parameter versions the merge was made from
+        self._merged_from: tuple = ()  # what the merge was made from (see _merge_is_stale)
         if self.r > 0:
             # The pretrained weight is frozen, as in loralib; the bias keeps its own setting.
             self.weight.requires_grad_(False)
@@ -328,14 +343,58 @@ class LoRALayer:
         needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
         if needs_grad and torch.is_grad_enabled():
             return False
-        if not torch.compiler.is_compiling() and self._merged_versions != self._param_versions():
+        if not torch.compiler.is_compiling() and self._merge_is_stale():
             # A parameter changed in place since the merge (an optimizer step taken in eval
-            # mode, a load, an init): refresh the merged weight rather than use a stale one.
-            self.merge()
+            # mode, a load, an init) or was replaced (another adapter's lora_B): refresh the
+            # merged weight rather than use a stale one.
+            return self._merge_or_warn()
         return True
 
-    def _param_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in (self.weight, *self._lora_parameters()))
+    def _merge_source(self) -> tuple:
+        """What a merge is made from: per parameter a weak reference, its version, its data."""
+        return tuple(
+            (weakref.ref(p), _version(p), p.data_ptr())
+            for p in (self.weight, *self._lora_parameters())
+        ) + (self.scaling,)
+
+    def _merge_is_stale(self) -> bool:
+        """Whether ``weight``, ``lora_A``, ``lora_B`` or ``scaling`` changed since the merge.
+
+        Caught: in-place changes to the Parameters (optimizer steps, ``copy_`` / ``nn.init``
+        under ``no_grad``, ``load_state_dict``), replacing a Parameter by another object, and
+        assigning new ``.data``. Not caught: writing through ``p.data`` (``p.data.add_(...)``,
+        which bypasses the version counter) and in-place changes to inference tensors inside
+        ``torch.inference_mode()``; call ``merge()`` after those.
+        """
+        params = (self.weight, *self._lora_parameters())
+        source = self._merged_from
+        if len(source) != len(params) + 1 or source[-1] != self.scaling:
+            return True
+        return any(
+            ref() is not p or version != _version(p) or ptr != p.data_ptr()
+            for (ref, version, ptr), p in zip(source[:-1], params, strict=True)
+        )
+
+    def _merge_or_warn(self) -> bool:
+        """Merge; if the merged weight would hold NaN/Inf, stay unmerged and warn instead.
+
+        Used by ``eval()`` and by forwards that refresh a stale merge, so that switching a
+        model's mode never stops half-way: the unmerged path computes the exact result.
+
+        Returns:
+            Whether the layer is merged afterwards.
+        """
+        try:
+            self.merge()
+        except ValueError as err:
+            self.unmerge()
+            warnings.warn(
+                f"{err} The layer stays unmerged: its forwards run the exact unmerged path.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        return True
 
     def _lora_active(self) -> bool:
         return self.r > 0 and not self.disable_adapters
@@ -367,16 +426,30 @@ class LoRALayer:
             )
 
     # ------------------------------------------------------------------ merge
+    def _merge_dtype(self) -> torch.dtype:
+        """The dtype of the merge arithmetic: float64 if any of W, A, B is, else float32."""
+        params = (self.weight, *self._lora_parameters())
+        return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
     def delta_weight(self) -> torch.Tensor:
-        """The weight update ``scaling * B @ A`` in fp32, in the layout of ``self.weight``.
+        """The weight update ``scaling * B @ A`` in the layout of ``self.weight``.
+
+        Computed in float32, or in float64 when the weight or ``lora_A`` / ``lora_B`` are
+        float64, so it never loses precision the weight has.
 
         Returns:
-            A float32 tensor with ``self.weight``'s shape.
+            A float32 (or float64) tensor with ``self.weight``'s shape.
         """
         raise NotImplementedError
 
     def get_merged_weight(self) -> torch.Tensor:
-        """Compute ``(W.float() + delta_weight()).to(W.dtype)`` without changing anything.
+        """Compute ``(W.to(c) + delta_weight()).to(W.dtype)`` without changing anything.
+
+        ``c`` is float64 if the weight or ``lora_A`` / ``lora_B`` are float64, else float32,
+        so the arithmetic never runs below the weight's precision and rounds once. With
+        ``B = 0`` the result is bit-identical to ``W`` in every dtype. Inside
+        ``torch.inference_mode()`` the result is still a normal tensor, usable by later
+        forwards with grad.
 
         Returns:
             A new tensor with ``self.weight``'s shape, dtype and device.
@@ -384,8 +457,16 @@ class LoRALayer:
         Raises:
             ValueError: If the merged weight would hold NaN or Inf.
         """
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self.get_merged_weight()
         weight = self.weight
-        merged = (weight.detach().float() + self.delta_weight().detach()).to(weight.dtype)
+        with torch.no_grad():
+            delta = self.delta_weight()
+            # The sum gets the weight's own strides, so the merged layer runs the same kernels.
+            merged = torch.empty_like(weight, dtype=delta.dtype, requires_grad=False)
+            torch.add(weight.detach().to(delta.dtype), delta, out=merged)
+            merged = merged.to(weight.dtype)
         if merged.device.type != "meta" and not torch.isfinite(merged).all():
             bad = (~torch.isfinite(merged)).sum().item()
             raise ValueError(
@@ -416,7 +497,7 @@ class LoRALayer:
                 "merge, load the full adapter state dict into an unsharded model first."
             )
         self.merged_weight = self.get_merged_weight()
-        self._merged_versions = self._param_versions()
+        self._merged_from = self._merge_source()
 
     def _sharded(self) -> bool:
         return any(_is_sharded(p) for p in (self.weight, *self._lora_parameters()))
@@ -435,6 +516,10 @@ class LoRALayer:
     def train(self, mode: bool = True):
         """Set training mode; with ``merge_weights``, ``eval()`` merges and ``train()`` unmerges.
 
+        Switching never raises half-way through a model: a layer whose merged weight would
+        hold NaN/Inf stays unmerged with a ``RuntimeWarning``, and its forwards run the exact
+        unmerged path (``merge()`` called directly raises ``ValueError`` instead).
+
         Args:
             mode: True for training mode, False for evaluation mode.
 
@@ -446,8 +531,38 @@ class LoRALayer:
             if mode:
                 self.unmerge()
             elif not self.merged and not self._sharded():  # sharded: stay on the unmerged path
-                self.merge()
+                self._merge_or_warn()
         return self
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter, as loralib does.
+
+        ``weight`` and ``bias`` as the torch layer initialises them, then ``lora_A`` /
+        ``lora_B`` as :meth:`reset_lora_parameters` (so the update is zero again). Code that
+        re-initialises a model by calling ``reset_parameters()`` on each module (Microsoft's
+        NLU examples, FSDP2 meta-device recipes) gets a fresh adapter, never a stale one.
+        """
+        super().reset_parameters()  # the torch parent's
+        if getattr(self, "r", 0) > 0:  # the torch parent's __init__ calls this before LoRA exists
+            self.reset_lora_parameters()
+
+    def _apply(self, fn, recurse: bool = True):
+        # to_empty() moves meta tensors to real memory without initialising it; LoRA
+        # parameters that came off the meta device this way are re-initialised (B = 0), so an
+        # adapter injected on meta is never garbage. The base weight still needs loading.
+        # Sharded (FSDP2) parameters are left to the caller's explicit initialisation.
+        lora_on_meta = any(p.is_meta for p in self._lora_parameters())
+        super()._apply(fn, recurse)
+        materialised = not any(p.is_meta for p in self._lora_parameters())
+        if lora_on_meta and materialised and not self._sharded():
+            self.reset_lora_parameters()
+        return self
+
+    def __getstate__(self) -> dict:
+        # Weak references cannot be pickled or deep-copied: a copy re-merges on first use.
+        state = self.__dict__.copy()
+        state["_merged_from"] = ()
+        return state
 
     def lora_extra_repr(self) -> str:
         if self.r == 0:

@@ -84,8 +84,10 @@ class _ConvLoRA(LoRALayer):
         return {name: getattr(module, name) for name in names} | {"bias": module.bias is not None}
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * (B @ A).view(weight.shape)`` in fp32."""
-        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).view(self.weight.shape)
+        """``scaling * (B @ A).view(weight.shape)`` in fp32 (fp64 for fp64 layers)."""
+        dtype = self._merge_dtype()
+        delta = self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
+        return delta.view(self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_merged():

@@ -25,8 +25,10 @@ class Embedding(LoRALayer, nn.Embedding):
     ``(embedding_dim, r)`` (standard normal), as in loralib, so the output at initialisation
     equals the base output. ``max_norm`` renormalises the base table only, as
     ``nn.Embedding`` does; ``lora_A`` is never modified in place (loralib renormalises it).
-    With ``max_norm`` set, forwards always run unmerged, since renormalising a merged table
-    would give a different result.
+    With ``max_norm`` set the layer never merges and forwards always run unmerged, since
+    renormalising a merged table would give a different result; ``merge_and_unload`` refuses
+    such a layer with a ``ValueError``. ``scale_grad_by_freq`` scales the gradient of
+    ``lora_A`` as well as the base table's, as loralib and PEFT do.
 
     Args:
         num_embeddings (int): Size of the vocabulary.
@@ -118,8 +120,41 @@ class Embedding(LoRALayer, nn.Embedding):
             raise ValueError("Embedding has no bias")
 
     def delta_weight(self) -> torch.Tensor:
-        """``(scaling * B @ A).T`` in fp32, shape ``(num_embeddings, embedding_dim)``."""
-        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).t()
+        """``(scaling * B @ A).T`` in fp32 (fp64 for fp64 layers), shape ``(num, dim)``."""
+        dtype = self._merge_dtype()
+        return (self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))).t()
+
+    def get_merged_weight(self) -> torch.Tensor:
+        """The merged table ``W + delta_weight()``, as :meth:`LoRALayer.get_merged_weight`.
+
+        Returns:
+            A new tensor with ``weight``'s shape, dtype and device.
+
+        Raises:
+            ValueError: If ``max_norm`` is set (no plain table gives this layer's outputs:
+                ``nn.Embedding`` would renormalise the merged rows, while this layer
+                renormalises the base rows and then adds the update), or if the merged
+                table would hold NaN or Inf.
+        """
+        if self.max_norm is not None:
+            raise ValueError(
+                f"cannot merge the LoRA update of Embedding(max_norm={self.max_norm}): a plain "
+                "nn.Embedding with max_norm renormalises the merged rows, while this layer "
+                "renormalises the base rows only and then adds the update, so a merged table "
+                "would give different outputs. Keep the LoRA layer (its forwards run "
+                "unmerged), or use unload() to get the base layer back."
+            )
+        return super().get_merged_weight()
+
+    def merge(self) -> None:
+        """Merge as :meth:`LoRALayer.merge`; with ``max_norm`` set this does nothing.
+
+        A merged table cannot reproduce ``max_norm`` (see :meth:`get_merged_weight`), so an
+        Embedding with ``max_norm`` never merges (``eval()`` included) and always runs the
+        exact unmerged path.
+        """
+        if self.max_norm is None:
+            super().merge()
 
     def _use_merged(self) -> bool:
         return super()._use_merged() and self.max_norm is None  # super() runs its checks
@@ -141,8 +176,11 @@ class Embedding(LoRALayer, nn.Embedding):
         out = self._embed(x, self.weight)
         if not self._lora_active():
             return out
-        # The LoRA table is looked up without max_norm, so lora_A is never renormalised.
-        after_a = F.embedding(x, self.lora_A.t(), self.padding_idx)  # (..., r)
+        # The LoRA table is looked up without max_norm, so lora_A is never renormalised;
+        # scale_grad_by_freq scales lora_A's gradient as loralib's and PEFT's lookups do.
+        after_a = F.embedding(
+            x, self.lora_A.t(), self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq
+        )  # (..., r)
         return out + (F.linear(after_a, self.lora_B) * self.scaling).to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,6 +76,24 @@ class Linear(LoRALayer, nn.Linear):
         """``lora_A``: ``(r, in_features)``; ``lora_B``: ``(out_features, r)``."""
         return (self.r, self.in_features), (self.out_features, self.r)
 
+    def reset_parameters(self) -> None:
+        """Re-initialise ``weight``/``bias`` as ``nn.Linear`` does and ``lora_A``/``lora_B``.
+
+        With ``fan_in_fan_out`` the ``(in, out)`` weight gets ``nn.Linear``'s distribution
+        (fan-in ``in_features``). ``lora_B`` becomes zero again, as in loralib.
+        """
+        if not getattr(self, "fan_in_fan_out", False):  # unset while nn.Linear builds
+            super().reset_parameters()
+            return
+        out_in = torch.empty_like(self.weight.t(), memory_format=torch.contiguous_format)
+        nn.init.kaiming_uniform_(out_in, a=math.sqrt(5))  # nn.Linear's values, then stored
+        with torch.no_grad():
+            self.weight.copy_(out_in.t())
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
     @classmethod
     def module_args(cls, module: nn.Linear) -> dict[str, Any]:
         """``in_features``, ``out_features`` and ``bias`` of an ``nn.Linear``."""
@@ -98,8 +117,13 @@ class Linear(LoRALayer, nn.Linear):
         return plain
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in fp32, shape ``(out, in)`` (``(in, out)`` with fan_in_fan_out)."""
-        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
+        """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
+
+        Returns:
+            The update, transposed to ``(in, out)`` with ``fan_in_fan_out``.
+        """
+        dtype = self._merge_dtype()
+        delta = self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,18 +109,20 @@ class MergedLinear(Linear):
         self.unmerge()
 
     def delta_weight(self) -> torch.Tensor:
-        """Per-slice ``scaling * B_i @ A_i`` placed in its rows, zeros elsewhere, in fp32.
+        """Per-slice ``scaling * B_i @ A_i`` placed in its rows, zeros elsewhere.
 
         Returns:
-            A float32 tensor of ``weight``'s shape; disabled slices' rows are exactly zero.
+            A float32 (float64 for float64 layers) tensor of ``weight``'s shape; disabled
+            slices' rows are exactly zero, so they merge to ``W`` bit for bit.
         """
+        dtype = self._merge_dtype()
         delta = torch.zeros(
-            self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device
+            self.out_features, self.in_features, dtype=dtype, device=self.weight.device
         )
         b_row = 0
         for i, (start, stop) in enumerate(self._slices):
-            a_i = self.lora_A[i * self.r : (i + 1) * self.r].float()  # (r, in)
-            b_i = self.lora_B[b_row : b_row + stop - start].float()  # (size_i, r)
+            a_i = self.lora_A[i * self.r : (i + 1) * self.r].to(dtype)  # (r, in)
+            b_i = self.lora_B[b_row : b_row + stop - start].to(dtype)  # (size_i, r)
             delta[start:stop] = self.scaling * (b_i @ a_i)
             b_row += stop - start
         return delta.t() if self.fan_in_fan_out else delta

@@ -192,8 +192,9 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer with a plain torch layer holding its merged weight.
 
-    The merged weight ``(W.float() + delta).to(W.dtype)`` becomes the layer's only weight, a
-    new Parameter (the original one is freed unless referenced elsewhere), so ``state_dict()``
+    The merged weight ``(W + delta).to(W.dtype)``, computed in fp32 (fp64 for fp64 layers),
+    becomes the layer's only weight, a new Parameter (the original one is freed unless
+    referenced elsewhere), so ``state_dict()``
     has exactly the original model's keys and shapes and ``save_pretrained`` writes a normal
     checkpoint. A weight tied to another module (e.g. embeddings tied to the output head)
     is untied, keeping the model's outputs; a warning says so.

@@ -10,6 +10,7 @@ from torch import nn
 
 # One dtype -> (rtol, atol) table for every comparison against a dense reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-12),  # tighter than one fp32 rounding: catches fp32 detours
     torch.float32: (1e-5, 1e-5),
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (5e-3, 5e-3),
@@ -21,6 +22,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """``torch.testing.assert_close`` with the tolerance of ``dtype`` (default: actual's)."""
     rtol, atol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol)
+
+
+def up(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the precision references and merges are computed in: fp64 stays fp64, every
+    other dtype goes to fp32 (``.float()`` would round an fp64 reference to fp32)."""
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 PHI3_VOCAB = 128  # the tiny Phi-3's vocabulary; ids 0-2 are its pad, bos and eos tokens

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers
-from tests.helpers import DTYPES, assert_close, fill_lora_
+from tests.helpers import DTYPES, assert_close, fill_lora_, up
 
 # (layer class, torch class, functional conv, tuple kernel, input spatial size)
 DIMS = {
@@ -104,10 +104,10 @@ def test_conv2d_dtypes_grads_and_merged_weight_bit_exact(dtype, bias):
     y.backward(g)
 
     W = layer.weight
-    x_ref, A, B = (t.detach().float().requires_grad_() for t in (x, layer.lora_A, layer.lora_B))
-    b = None if layer.bias is None else layer.bias.float()
-    y_ref = dense_conv(layer, 2, x_ref, A, B, W.float(), b)
-    y_ref.backward(g.float())
+    x_ref, A, B = (up(t.detach()).requires_grad_() for t in (x, layer.lora_A, layer.lora_B))
+    b = None if layer.bias is None else up(layer.bias)
+    y_ref = dense_conv(layer, 2, x_ref, A, B, up(W), b)
+    y_ref.backward(up(g))
     assert y.dtype == dtype
     assert_close(y, y_ref)
     assert_close(x.grad, x_ref.grad)
@@ -115,9 +115,7 @@ def test_conv2d_dtypes_grads_and_merged_weight_bit_exact(dtype, bias):
     assert_close(layer.lora_B.grad, B.grad)
 
     A, B = layer.lora_A, layer.lora_B
-    expected_weight = (W.float() + (layer.scaling * (B.float() @ A.float())).view(W.shape)).to(
-        W.dtype
-    )
+    expected_weight = (up(W) + (layer.scaling * (up(B) @ up(A))).view(W.shape)).to(W.dtype)
     with torch.no_grad():
         merged = layer.eval()(x)
     assert torch.equal(layer.merged_weight, expected_weight)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers
-from tests.helpers import DTYPES, assert_close, fill_lora_
+from tests.helpers import DTYPES, assert_close, fill_lora_, up
 
 NUM, DIM, R, ALPHA = 20, 8, 4, 8
 INDEX_SHAPES = [(5,), (2, 5), (2, 3, 5)]
@@ -37,9 +37,9 @@ def test_output_and_grads_match_dense_reference(dtype, shape):
     y = layer(idx)
     y.backward(g)
 
-    A, B = (t.detach().float().requires_grad_() for t in (layer.lora_A, layer.lora_B))
-    y_ref = dense_table(layer.weight.float(), A, B, layer.scaling)[idx]
-    y_ref.backward(g.float())
+    A, B = (up(t.detach()).requires_grad_() for t in (layer.lora_A, layer.lora_B))
+    y_ref = dense_table(up(layer.weight), A, B, layer.scaling)[idx]
+    y_ref.backward(up(g))
 
     assert y.shape == (*shape, DIM) and y.dtype == dtype
     assert_close(y, y_ref)
@@ -60,11 +60,11 @@ def test_merged_equals_unmerged_and_weight_bit_exact(dtype):
         unmerged = layer(idx)
         merged = layer.eval()(idx)
     W, A, B = layer.weight, layer.lora_A, layer.lora_B
-    expected_weight = (W.float() + layer.scaling * (B.float() @ A.float()).t()).to(W.dtype)
+    expected_weight = (up(W) + layer.scaling * (up(B) @ up(A)).t()).to(W.dtype)
     assert layer.merged and torch.equal(layer.merged_weight, expected_weight)
     assert torch.equal(merged, expected_weight[idx])
-    assert_close(unmerged, dense_table(W.float(), A.float(), B.float(), layer.scaling)[idx])
-    assert_close(merged, unmerged.float())
+    assert_close(unmerged, dense_table(up(W), up(A), up(B), layer.scaling)[idx])
+    assert_close(merged, up(unmerged))
 
 
 def test_init_a_zeros_b_normal_output_equals_base():
@@ -149,3 +149,77 @@ def test_sparse_base_gradient():
     layer = lora_layers.Embedding(NUM, DIM, r=0, sparse=True)
     layer(torch.tensor([1, 2])).sum().backward()
     assert layer.weight.grad.is_sparse
+
+
+# ---------------------------------------------------------------- max_norm (issue 12, item 3)
+def test_merge_and_unload_refuses_max_norm_and_changes_nothing():
+    """A plain nn.Embedding(max_norm) renormalises merged rows: no merged table is equal."""
+    model = nn.Sequential(make(max_norm=1.0))
+    layer = model[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"cannot merge the LoRA update of Embedding\(max_norm=1.0\)"
+    ):
+        lora_layers.merge_and_unload(model)
+    assert model[0] is layer
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="max_norm=1.0"):
+        layer.get_merged_weight()
+    layer.merge()  # never merges: the unmerged path is the only exact one
+    assert not layer.merged and not layer.eval().merged
+    lora_layers.unload(model)  # the other way out still works
+    assert type(model[0]) is nn.Embedding
+
+
+def test_merge_and_unload_without_max_norm_gives_equal_outputs():
+    model = nn.Sequential(make(padding_idx=3))
+    idx = torch.randint(0, NUM, (4, 5))
+    with torch.no_grad():
+        expected = model(idx)
+        lora_layers.merge_and_unload(model)
+        assert type(model[0]) is nn.Embedding
+        assert_close(model(idx), expected)
+
+
+# ---------------------------------------------------------------- scale_grad_by_freq (item 4)
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_scale_grad_by_freq_divides_lora_a_gradient_by_token_count(padding_idx):
+    """As loralib and PEFT: lora_A's column of token i gets its gradient / count(i); lora_B's
+    gradient is unchanged (it is not looked up)."""
+    plain = make(padding_idx=padding_idx)
+    scaled = make(padding_idx=padding_idx, scale_grad_by_freq=True)
+    scaled.load_state_dict(plain.state_dict())
+    idx = torch.tensor([[1, 1, 1, 2], [0, 3, 3, 1]])
+    g = torch.randn(2, 4, DIM)
+    plain(idx).backward(g)
+    scaled(idx).backward(g)
+    counts = torch.bincount(idx.flatten(), minlength=NUM).clamp(min=1)
+    assert counts[1] == 4
+    torch.testing.assert_close(scaled.lora_A.grad, plain.lora_A.grad / counts)
+    torch.testing.assert_close(scaled.lora_B.grad, plain.lora_B.grad)
+    assert not torch.allclose(scaled.lora_A.grad, plain.lora_A.grad)
+
+
+def test_scale_grad_by_freq_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Embedding(NUM, DIM, scale_grad_by_freq=True))
+    ours = lora_layers.Embedding.from_module(
+        nn.Embedding(NUM, DIM, scale_grad_by_freq=True), r=R, lora_alpha=ALPHA
+    )
+    fill_lora_(ours)
+    with torch.no_grad():
+        ours.weight.copy_(base[0].weight)
+    peft_model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"]))
+    theirs = peft_model.base_model.model[0]
+    with torch.no_grad():
+        theirs.lora_embedding_A["default"].copy_(ours.lora_A)
+        theirs.lora_embedding_B["default"].copy_(ours.lora_B)
+    idx = torch.tensor([[1, 1, 1, 2], [5, 3, 3, 1]])
+    g = torch.randn(2, 4, DIM)
+    ours(idx).backward(g)
+    theirs(idx).backward(g)
+    torch.testing.assert_close(ours.lora_A.grad, theirs.lora_embedding_A["default"].grad)
+    torch.testing.assert_close(ours.lora_B.grad, theirs.lora_embedding_B["default"].grad)

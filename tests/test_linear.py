@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers
-from tests.helpers import DTYPES, assert_close, fill_lora_
+from tests.helpers import DTYPES, assert_close, fill_lora_, up
 
 IN, OUT, R, ALPHA = 16, 12, 4, 8
 SHAPES = [(IN,), (3, IN), (2, 3, IN)]
@@ -27,9 +27,9 @@ def make(dtype=torch.float32, bias=True, fan_in_fan_out=False, **kw):
 
 def dense_weight(layer) -> torch.Tensor:
     """The effective (out, in) weight in fp32: W + scaling * B @ A."""
-    w = layer.weight.float()
+    w = up(layer.weight)
     w = w.t() if layer.fan_in_fan_out else w
-    return w + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
+    return w + layer.scaling * (up(layer.lora_B) @ up(layer.lora_A))
 
 
 def dense_forward(layer, x, A, B, W, b):
@@ -42,7 +42,7 @@ def leaves(layer, x):
     """fp32 copies of x, A, B, W, b that require grad, for the reference."""
 
     def leaf(t):
-        return None if t is None else t.detach().float().requires_grad_()
+        return None if t is None else up(t.detach()).requires_grad_()
 
     return leaf(x), leaf(layer.lora_A), leaf(layer.lora_B), leaf(layer.weight), leaf(layer.bias)
 
@@ -61,7 +61,7 @@ def test_output_and_grads_match_dense_reference(dtype, bias, shape, fan_in_fan_o
 
     x_ref, A_ref, B_ref, W_ref, b_ref = leaves(layer, x)
     y_ref = dense_forward(layer, x_ref, A_ref, B_ref, W_ref, b_ref)
-    y_ref.backward(grad_out.float())
+    y_ref.backward(up(grad_out))
 
     assert y.shape == (*shape[:-1], OUT) and y.dtype == dtype
     assert_close(y, y_ref)
@@ -83,25 +83,25 @@ def test_merged_equals_unmerged_and_dense(dtype, fan_in_fan_out):
         assert not layer.merged
         merged = layer.eval()(x)
         assert layer.merged
-    expected = F.linear(x.float(), dense_weight(layer), layer.bias.float())
+    expected = F.linear(up(x), dense_weight(layer), up(layer.bias))
     assert_close(merged, expected)
     assert_close(unmerged, expected)
-    assert_close(merged, unmerged.float())
+    assert_close(merged, up(unmerged))
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merged_weight_is_fp32_delta_rounded_once(dtype, fan_in_fan_out):
+def test_merged_weight_is_delta_rounded_once(dtype, fan_in_fan_out):
     layer = make(dtype, fan_in_fan_out=fan_in_fan_out)
     W, A, B = layer.weight, layer.lora_A, layer.lora_B
-    delta = layer.scaling * (B.float() @ A.float())  # (out, in)
+    delta = layer.scaling * (up(B) @ up(A))  # (out, in)
     if fan_in_fan_out:
         delta = delta.t()
-    expected = (W.float() + delta).to(W.dtype)
+    expected = (up(W) + delta).to(W.dtype)
     layer.merge()
     assert torch.equal(layer.merged_weight, expected)
     assert torch.equal(layer.get_merged_weight(), expected)
-    assert layer.delta_weight().dtype == torch.float32
+    assert layer.delta_weight().dtype == up(W).dtype  # fp64 layers merge in fp64
     assert torch.equal(layer.delta_weight(), delta)
 
 
@@ -212,9 +212,9 @@ def test_lora_dtype_fp32_on_bf16_base():
     x = torch.randn(4, IN, dtype=torch.bfloat16, requires_grad=True)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+    up(y).sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32
-    expected = F.linear(x.float(), dense_weight(layer), layer.bias.float())
+    expected = F.linear(up(x), dense_weight(layer), up(layer.bias))
     assert_close(y, expected)
     with torch.no_grad():
         assert_close(layer.eval()(x), expected)

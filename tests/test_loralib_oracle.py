@@ -65,6 +65,22 @@ def test_embedding(padding_idx):
     assert_same_outputs(ours, back, x)
 
 
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_scale_grad_by_freq_gradients(padding_idx):
+    """loralib passes scale_grad_by_freq to its LoRA lookup: lora_A's gradient is divided by
+    each token's count (issue 12, item 4)."""
+    kw = dict(r=4, lora_alpha=8, padding_idx=padding_idx, scale_grad_by_freq=True)
+    theirs = fill_lora_(loralib.Embedding(20, 8, **kw))
+    ours = lora_layers.Embedding(20, 8, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.tensor([[1, 1, 1, 2], [0, 3, 3, 1]])
+    g = torch.randn(2, 4, 8)
+    ours(x).backward(g)
+    theirs(x).backward(g)
+    torch.testing.assert_close(ours.lora_A.grad, theirs.lora_A.grad, **TOL)
+    torch.testing.assert_close(ours.lora_B.grad, theirs.lora_B.grad, **TOL)
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("enable", [[True, False, True], [False, True, False], [True, True, True]])
 def test_merged_linear_equal_splits(enable, fan_in_fan_out):

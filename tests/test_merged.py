@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers
-from tests.helpers import DTYPES, assert_close, fill_lora_, saved_tensor_bytes
+from tests.helpers import DTYPES, assert_close, fill_lora_, saved_tensor_bytes, up
 
 SHAPES = [(64,), (3, 64), (2, 5, 64)]
 
@@ -126,10 +126,10 @@ def test_output_and_grads_match_dense_reference(dtype, bias, shape, fan_in_fan_o
     y = layer(x)
     y.backward(g)
 
-    x_ref, A, B = (t.detach().float().requires_grad_() for t in (x, layer.lora_A, layer.lora_B))
-    b = None if layer.bias is None else layer.bias.detach().float().requires_grad_()
-    y_ref = F.linear(x_ref, base_weight(layer).float() + dense_delta(layer, A, B), b)
-    y_ref.backward(g.float())
+    x_ref, A, B = (up(t.detach()).requires_grad_() for t in (x, layer.lora_A, layer.lora_B))
+    b = None if layer.bias is None else up(layer.bias.detach()).requires_grad_()
+    y_ref = F.linear(x_ref, up(base_weight(layer)) + dense_delta(layer, A, B), b)
+    y_ref.backward(up(g))
 
     assert y.shape == (*shape[:-1], 96) and y.dtype == dtype
     assert_close(y, y_ref)
@@ -178,7 +178,7 @@ def test_merged_equals_unmerged(dtype, fan_in_fan_out):
         unmerged = layer(x)
         merged = layer.eval()(x)
     assert layer.merged
-    assert_close(merged, unmerged.float())
+    assert_close(merged, up(unmerged))
     # The k slice has no update: merged rows are the base rows exactly, so outputs agree too.
     assert torch.equal(merged[..., 64:80], unmerged[..., 64:80])
 
@@ -188,13 +188,13 @@ def test_merged_equals_unmerged(dtype, fan_in_fan_out):
 def test_merged_weight_bit_exact_with_slice_placement(dtype, fan_in_fan_out):
     layer = make(dtype=dtype, fan_in_fan_out=fan_in_fan_out)
     W = layer.weight
-    delta = torch.zeros(96, 64)
-    A, B = layer.lora_A.float(), layer.lora_B.float()
+    delta = torch.zeros(96, 64, dtype=up(W).dtype)
+    A, B = up(layer.lora_A), up(layer.lora_B)
     delta[0:64] = layer.scaling * (B[0:64] @ A[0:4])  # q: A rows 0:4, B rows 0:64
     delta[80:96] = layer.scaling * (B[64:80] @ A[4:8])  # v: A rows 4:8, B rows 64:80
     if fan_in_fan_out:
         delta = delta.t()
-    expected = (W.float() + delta).to(W.dtype)
+    expected = (up(W) + delta).to(W.dtype)
     layer.merge()
     assert torch.equal(layer.merged_weight, expected)
     assert torch.equal(layer.delta_weight(), delta)

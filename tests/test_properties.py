@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import lora_layers
 from lora_layers.functional import pack_bits, unpack_bits
-from tests.helpers import DTYPES, assert_close, fill_lora_
+from tests.helpers import DTYPES, assert_close, fill_lora_, up
 
 # Small example counts keep the suite fast; the autouse seed fixture is harmless here
 # because every example reseeds torch from a drawn seed.
@@ -54,17 +54,17 @@ def test_merged_linear_matches_dense_reference(cfg, dtype, seed):
     x = (torch.randn(*lead, cfg["in_features"]) * 0.5).to(dtype)
 
     W = layer.weight.t() if cfg["fan_in_fan_out"] else layer.weight  # (out, in)
-    delta = torch.zeros(sum(sizes), cfg["in_features"])
+    delta = torch.zeros(sum(sizes), cfg["in_features"], dtype=up(layer.weight).dtype)
     start, k, b_row = 0, 0, 0
     for size, on in zip(sizes, enable, strict=True):
         if on and active:
-            a_k = layer.lora_A[k * layer.r : (k + 1) * layer.r].float()
-            b_k = layer.lora_B[b_row : b_row + size].float()
+            a_k = up(layer.lora_A[k * layer.r : (k + 1) * layer.r])
+            b_k = up(layer.lora_B[b_row : b_row + size])
             delta[start : start + size] = layer.scaling * (b_k @ a_k)
             k, b_row = k + 1, b_row + size
         start += size
-    bias = None if layer.bias is None else layer.bias.float()
-    expected = F.linear(x.float(), W.float() + delta, bias)
+    bias = None if layer.bias is None else up(layer.bias)
+    expected = F.linear(up(x), up(W) + delta, bias)
 
     with torch.no_grad():
         y = layer(x)
@@ -78,7 +78,7 @@ def test_merged_linear_matches_dense_reference(cfg, dtype, seed):
         if active:
             layer.merge()
             merged_delta = delta.t() if cfg["fan_in_fan_out"] else delta
-            assert torch.equal(layer.merged_weight, (layer.weight.float() + merged_delta).to(dtype))
+            assert torch.equal(layer.merged_weight, (up(layer.weight) + merged_delta).to(dtype))
             assert_close(layer(x), expected)
 
 
@@ -105,17 +105,15 @@ def test_conv_merge_is_exact_and_rank_is_r(nd, groups, kernel, r, dilation, dtyp
     fan_in = cin // g * math.prod(k)
     delta = layer.delta_weight()
     assert torch.linalg.matrix_rank(delta.reshape(cout, fan_in)) <= min(r, cout, fan_in)
-    expected_delta = (layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())).view(
+    expected_delta = (layer.scaling * (up(layer.lora_B) @ up(layer.lora_A))).view(
         layer.weight.shape
     )
     assert torch.equal(delta, expected_delta)
     layer.merge()
-    assert torch.equal(layer.merged_weight, (layer.weight.float() + expected_delta).to(dtype))
+    assert torch.equal(layer.merged_weight, (up(layer.weight) + expected_delta).to(dtype))
 
     x = (torch.randn(1, cin, *(7,) * nd) * 0.5).to(dtype)
-    expected = conv(
-        x.float(), layer.weight.float() + expected_delta, layer.bias.float(), 1, 0, dilation, g
-    )
+    expected = conv(up(x), up(layer.weight) + expected_delta, up(layer.bias), 1, 0, dilation, g)
     with torch.no_grad():
         assert_close(layer(x), expected)  # merged
         layer.unmerge()
@@ -133,7 +131,7 @@ def test_conv_merge_is_exact_and_rank_is_r(nd, groups, kernel, r, dilation, dtyp
 def test_embedding_merge_is_exact(num, dim, r, dtype, seed):
     torch.manual_seed(seed)
     layer = fill_lora_(lora_layers.Embedding(num, dim, r=r, lora_alpha=3, dtype=dtype), std=0.3)
-    table = layer.weight.float() + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float()).t()
+    table = up(layer.weight) + layer.scaling * (up(layer.lora_B) @ up(layer.lora_A)).t()
     idx = torch.randint(0, num, (2, 3))
     with torch.no_grad():
         assert_close(layer(idx), table[idx])
