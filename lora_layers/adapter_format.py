@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .base import check_lora_args, lora_scaling
-from .config import FusedSpec, LoRAConfig, check_slices, is_int
+from .config import FusedSpec, LoRAConfig, SliceLayout, check_slices, is_int
 from .keys import join_key, normalize_name, normalized_tensors, split_key
 from .kinds import CONV_DIMS, LAYER_KINDS, layer_kind, layer_sizes
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
@@ -138,9 +138,9 @@ class LayerSpec:
         """Shapes of ``lora_A`` and ``lora_B`` implied by this spec."""
         if self.layer == "MergedLinear":
             assert self.enable_lora is not None and self.split_sizes is not None
-            n_enabled = sum(self.enable_lora)
-            rows = sum(s for s, on in zip(self.split_sizes, self.enable_lora, strict=True) if on)
-            return (self.r * n_enabled, self.in_features), (rows, self.r)
+            layout = SliceLayout.of(self.split_sizes, self.enable_lora)
+            n_enabled = len(layout.out_slices)
+            return (self.r * n_enabled, self.in_features), (layout.b_rows, self.r)
         if self.layer in CONV_DIMS:
             return (self.r, math.prod(self.weight_shape[1:])), (self.out_features, self.r)
         return (self.r, self.in_features), (self.out_features, self.r)

@@ -21,6 +21,7 @@ __all__ = [
     "FusedSpec",
     "InjectSpec",
     "LoRAConfig",
+    "SliceLayout",
     "check_slices",
     "is_int",
 ]
@@ -74,6 +75,48 @@ def check_slices(
             f"split_sizes={sizes} sum to {sum(sizes)}, but out_features={out_features}"
         )
     return enable, tuple(int(s) for s in sizes)
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """Where each enabled output slice of a fused projection keeps its update, computed once.
+
+    ``lora_A`` stacks one ``(r, in)`` block per enabled slice; ``lora_B`` stacks one
+    ``(size_i, r)`` block per enabled slice (loralib's layout). Every path that walks the
+    slices (the layer's delta weight, the PEFT export, fused <-> separate conversion) reads
+    them from here.
+
+    Attributes:
+        out_slices: ``((start, stop), ...)``: the output rows of each enabled slice.
+    """
+
+    out_slices: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, split_sizes: Sequence[int], enable_lora: Sequence[bool]) -> SliceLayout:
+        """The layout of slices ``split_sizes`` of which ``enable_lora`` have LoRA."""
+        out, start = [], 0
+        for size, on in zip(split_sizes, enable_lora, strict=True):
+            if on:
+                out.append((start, start + size))
+            start += size
+        return cls(tuple(out))
+
+    @property
+    def b_rows(self) -> int:
+        """Rows of ``lora_B``: the enabled slices' sizes added up."""
+        return sum(stop - start for start, stop in self.out_slices)
+
+    def blocks(self, r: int) -> tuple[tuple[slice, slice, slice], ...]:
+        """Per enabled slice: ``(its output rows, its rows of lora_A, its rows of lora_B)``."""
+        blocks, b_row = [], 0
+        for i, (start, stop) in enumerate(self.out_slices):
+            size = stop - start
+            blocks.append(
+                (slice(start, stop), slice(i * r, (i + 1) * r), slice(b_row, b_row + size))
+            )
+            b_row += size
+        return tuple(blocks)
 
 
 @dataclass(frozen=True)

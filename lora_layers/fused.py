@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .adapter_format import Adapter, AdapterError, LayerSpec
+from .config import SliceLayout
 from .keys import LORA_LEAVES, join_key, split_key
 from .layouts import PHI3_FUSED, phi3_split_sizes
 
@@ -90,19 +91,14 @@ def _split_parts(
 ) -> None:
     """Write one ``Linear`` adapter per enabled part into ``tensors`` / ``modules``."""
     a, b = lora
-    a_row = b_row = 0
-    for part, size, on in zip(parts, sizes, enable, strict=True):
-        if not on:
-            continue
+    enabled = [(part, size) for part, size, on in zip(parts, sizes, enable, strict=True) if on]
+    blocks = SliceLayout.of(sizes, enable).blocks(spec.r)
+    for (part, size), (_, a_rows, b_rows) in zip(enabled, blocks, strict=True):
         pname = join_key(parent, part)
-        if spec.layer == "MergedLinear":
-            a_i = a[a_row : a_row + spec.r]
-            a_row += spec.r
-        else:
-            a_i = a
+        # A whole-matrix Linear adapter gives every part the shared A.
+        a_i = a[a_rows] if spec.layer == "MergedLinear" else a
         tensors[join_key(pname, "lora_A")] = a_i.clone()
-        tensors[join_key(pname, "lora_B")] = b[b_row : b_row + size].clone()
-        b_row += size
+        tensors[join_key(pname, "lora_B")] = b[b_rows].clone()
         shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
         modules[pname] = dataclasses.replace(
             spec,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .config import check_slices
+from .config import SliceLayout, check_slices
 from .linear import Linear
 
 __all__ = ["MergedLinear"]
@@ -73,6 +73,7 @@ class MergedLinear(Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         self.enable_lora, self.split_sizes = check_slices(out_features, enable_lora, split_sizes)
+        self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
         # No enabled slice means no LoRA at all (r is still validated first).
         super().__init__(
             in_features,
@@ -89,15 +90,12 @@ class MergedLinear(Linear):
         )
 
     def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
-        bounds = [0]
-        for size in self.split_sizes:
-            bounds.append(bounds[-1] + size)
-        return tuple((bounds[i], bounds[i + 1]) for i, on in enumerate(self.enable_lora) if on)
+        return self.slice_layout.out_slices
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """``lora_A``: ``(r * n_enabled, in)``; ``lora_B``: ``(enabled rows, r)``."""
-        rows = sum(stop - start for start, stop in self._slices)
-        return (self.r * len(self._slices), self.in_features), (rows, self.r)
+        n_enabled = len(self.slice_layout.out_slices)
+        return (self.r * n_enabled, self.in_features), (self.slice_layout.b_rows, self.r)
 
     def reset_lora_parameters(self) -> None:
         """Each slice's A block kaiming-uniform (a=sqrt(5)), as its own ``nn.Linear``; B zeros."""
@@ -119,12 +117,10 @@ class MergedLinear(Linear):
         delta = torch.zeros(
             self.out_features, self.in_features, dtype=dtype, device=self.weight.device
         )
-        b_row = 0
-        for i, (start, stop) in enumerate(self._slices):
-            a_i = self.lora_A[i * self.r : (i + 1) * self.r].to(dtype)  # (r, in)
-            b_i = self.lora_B[b_row : b_row + stop - start].to(dtype)  # (size_i, r)
-            delta[start:stop] = self.scaling * (b_i @ a_i)
-            b_row += stop - start
+        for out, a_rows, b_rows in self.slice_layout.blocks(self.r):
+            a_i = self.lora_A[a_rows].to(dtype)  # (r, in)
+            b_i = self.lora_B[b_rows].to(dtype)  # (size_i, r)
+            delta[out] = self.scaling * (b_i @ a_i)
         return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:

@@ -91,29 +91,17 @@ def _peft_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
     return {re.escape(n): values[n] for n in order}
 
 
-def _slice_bounds(layer: nn.Module) -> list[tuple[int, int]]:
-    """``(start, stop)`` output rows of each enabled slice of a ``MergedLinear``."""
-    bounds, start = [], 0
-    for size, on in zip(layer.split_sizes, layer.enable_lora, strict=True):
-        if on:
-            bounds.append((start, start + size))
-        start += size
-    return bounds
-
-
 def _peft_tensors(name: str, layer: nn.Module) -> tuple[dict[str, torch.Tensor], int, list[str]]:
     """One layer's PEFT tensors, its number of fused slices, and why PEFT cannot hold it."""
     kind = layer_kind(layer)
     a, b = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
     n_slices, problems = 1, []
     if kind == "MergedLinear":
-        slices = _slice_bounds(layer)
-        n_slices, r = len(slices), layer.r
-        b_full = b.new_zeros(layer.out_features, r * n_slices)
-        row = 0
-        for i, (start, stop) in enumerate(slices):
-            b_full[start:stop, i * r : (i + 1) * r] = b[row : row + stop - start]
-            row += stop - start
+        blocks = layer.slice_layout.blocks(layer.r)
+        n_slices = len(blocks)
+        b_full = b.new_zeros(layer.out_features, layer.r * n_slices)
+        for out, a_rows, b_rows in blocks:  # slice i's B in its rows and its own r columns
+            b_full[out, a_rows] = b[b_rows]
         b = b_full
     elif kind in CONV_DIMS:
         if layer.groups != 1 or any(d != 1 for d in layer.dilation):
