@@ -143,12 +143,19 @@ def _reentrant_checkpoint_inputs_need_grad() -> bool | None:
     grad, or None when the caller runs inside no reentrant checkpoint. Only called on the rare
     path of a training-mode forward with grad disabled, so walking the stack costs nothing in
     ordinary training.
+
+    torch has no public way to ask "am I inside a reentrant checkpoint, and do its inputs
+    need grad?", so this reads the frame of torch's private ``CheckpointFunction.forward``.
+    It stays here, alone, and fails safe: if torch renames or restructures that function it
+    returns None and the guard does not fire (nothing else depends on it).
     """
     checkpoint = sys.modules.get("torch.utils.checkpoint")
     function = getattr(checkpoint, "CheckpointFunction", None)
     if function is None:
         return None
-    code = function.forward.__code__
+    code = getattr(getattr(function, "forward", None), "__code__", None)
+    if code is None:
+        return None
     outermost = None
     frame = sys._getframe(1)
     while frame is not None:
@@ -329,26 +336,32 @@ class LoRALayer:
             return ()
         return (self.lora_A, self.lora_B)
 
+    def _prepare_forward(self) -> None:
+        """The explicit steps every forward takes before choosing its path.
+
+        In training mode with grad disabled, the reentrant-checkpoint guard
+        (:meth:`_check_gradient_reaches_lora`); and while merged, refreshing a merged weight
+        that went stale (a parameter changed in place since the merge: an optimizer step
+        taken in eval mode, a load, an init; or was replaced: another adapter's lora_B), so
+        the merged path never uses an old one.
+        """
+        compiling = torch.compiler.is_compiling()
+        if self.training and not torch.is_grad_enabled() and not compiling:
+            self._check_gradient_reaches_lora()
+        if not compiling and self._use_merged() and self._merge_is_stale():
+            self._merge_or_warn()  # stays unmerged (with a warning) if the merge overflows
+
     def _use_merged(self) -> bool:
-        """Whether forward may run the merged single-op path.
+        """Whether forward may run the merged single-op path (only answers; changes nothing).
 
         Only while merged, with the adapter on, and when no LoRA gradient is needed: a forward
         that must train the adapter runs the unmerged path so its gradients are exact.
         """
-        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._check_gradient_reaches_lora()
         if self.merged_weight is None or self.disable_adapters:
             return False
         # The merged weight is detached: a trainable base weight needs the unmerged path too.
         needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
-        if needs_grad and torch.is_grad_enabled():
-            return False
-        if not torch.compiler.is_compiling() and self._merge_is_stale():
-            # A parameter changed in place since the merge (an optimizer step taken in eval
-            # mode, a load, an init) or was replaced (another adapter's lora_B): refresh the
-            # merged weight rather than use a stale one.
-            return self._merge_or_warn()
-        return True
+        return not (needs_grad and torch.is_grad_enabled())
 
     def _merge_source(self) -> tuple:
         """What a merge is made from: per parameter a weak reference, its version, its data."""

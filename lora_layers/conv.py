@@ -90,6 +90,7 @@ class _ConvLoRA(LoRALayer):
         return delta.view(self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()
         if self._use_merged():
             return self._conv_forward(x, self.merged_weight, self.bias)
         if not self._lora_active():

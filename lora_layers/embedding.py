@@ -157,7 +157,7 @@ class Embedding(LoRALayer, nn.Embedding):
             super().merge()
 
     def _use_merged(self) -> bool:
-        return super()._use_merged() and self.max_norm is None  # super() runs its checks
+        return super()._use_merged() and self.max_norm is None
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.embedding(
@@ -171,6 +171,7 @@ class Embedding(LoRALayer, nn.Embedding):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()
         if self._use_merged():
             return self._embed(x, self.merged_weight)
         out = self._embed(x, self.weight)

@@ -127,6 +127,7 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()
         if self._use_merged():
             weight = self.merged_weight
         elif self._lora_active():
