@@ -346,6 +346,80 @@ class Adapter:
         biases = tuple(split_key(k)[0] for k in tensors if split_key(k)[1] == "bias")
         return cls(tensors=tensors, modules=None, biases=biases, problems=problems, source=source)
 
+    @classmethod
+    def from_metadata(
+        cls, raw: Mapping[str, torch.Tensor], text: str, source: str = "<memory>"
+    ) -> Adapter:
+        """The adapter a file's tensors and its :data:`METADATA_KEY` metadata describe.
+
+        The inverse of :meth:`metadata`. Problems that do not stop reading (a spec with a bad
+        field, keys colliding after normalisation) are kept in ``problems``.
+
+        Args:
+            raw: The file's tensors, by key as stored.
+            text: The JSON metadata.
+            source: Where it came from, for messages.
+
+        Returns:
+            Adapter: With specs for every module the metadata describes.
+
+        Raises:
+            AdapterError: For unparsable metadata or a newer format version.
+        """
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AdapterError(
+                f"{source}: the {METADATA_KEY} metadata is not valid JSON: {exc}"
+            ) from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("modules"), dict):
+            raise AdapterError(f"{source}: the {METADATA_KEY} metadata has no 'modules' object")
+        version = doc.get("format_version")
+        if not is_int(version) or version < 1:
+            raise AdapterError(f"{source}: bad format_version {version!r}")
+        if version > FORMAT_VERSION:
+            raise AdapterError(
+                f"{source}: written in adapter format {version}, this lora_layers reads up to "
+                f"{FORMAT_VERSION}; upgrade lora_layers"
+            )
+        tensors, problems = normalized_tensors(raw)
+        modules: dict[str, LayerSpec] = {}
+        invalid: set[str] = set()
+        for raw_name, data in doc["modules"].items():
+            name = normalize_name(raw_name)
+            try:
+                spec = LayerSpec.from_json(data)
+            except AdapterError as exc:
+                problems += [f"{name}: invalid metadata: {p}" for p in exc.problems]
+                invalid.add(name)
+                continue
+            if name in modules:
+                problems.append(f"two metadata entries normalise to the module name {name!r}")
+                continue
+            modules[name] = spec
+        lists = {}
+        for field_name in ("biases", "base_weights"):
+            names = doc.get(field_name, [])
+            if not isinstance(names, list) or not all(isinstance(b, str) for b in names):
+                problems.append(
+                    f"metadata {field_name!r} must be a list of module names, got {names!r}"
+                )
+                names = []
+            lists[field_name] = tuple(normalize_name(b) for b in names)
+        bias_mode = doc.get("bias", "none")
+        if bias_mode not in BIAS_MODES:
+            problems.append(f"metadata 'bias' must be one of {BIAS_MODES}, got {bias_mode!r}")
+        return cls(
+            tensors=tensors,
+            modules=modules,
+            biases=lists["biases"],
+            base_weights=lists["base_weights"],
+            bias=bias_mode if bias_mode in BIAS_MODES else "none",
+            problems=problems,
+            invalid_modules=invalid,
+            source=source,
+        )
+
     def metadata(self) -> dict[str, str]:
         """The safetensors header metadata for this adapter."""
         if self.modules is None:

@@ -9,7 +9,6 @@ then read with ``torch.load(weights_only=True)`` only.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import uuid
 from collections.abc import Mapping
@@ -22,16 +21,11 @@ import torch
 from torch import nn
 
 from .adapter_format import (
-    FORMAT_VERSION,
     METADATA_KEY,
     Adapter,
     AdapterError,
-    LayerSpec,
     adapter_from_model,
 )
-from .config import is_int
-from .keys import normalize_name, normalized_tensors
-from .utils import BIAS_MODES
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -196,56 +190,4 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     raw, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         return Adapter.from_state_dict(raw, source=source)
-    try:
-        doc = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise AdapterError(
-            f"{source}: the {METADATA_KEY} metadata is not valid JSON: {exc}"
-        ) from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("modules"), dict):
-        raise AdapterError(f"{source}: the {METADATA_KEY} metadata has no 'modules' object")
-    version = doc.get("format_version")
-    if not is_int(version) or version < 1:
-        raise AdapterError(f"{source}: bad format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise AdapterError(
-            f"{source}: written in adapter format {version}, this lora_layers reads up to "
-            f"{FORMAT_VERSION}; upgrade lora_layers"
-        )
-    tensors, problems = normalized_tensors(raw)
-    modules: dict[str, LayerSpec] = {}
-    invalid: set[str] = set()
-    for raw_name, data in doc["modules"].items():
-        name = normalize_name(raw_name)
-        try:
-            spec = LayerSpec.from_json(data)
-        except AdapterError as exc:
-            problems += [f"{name}: invalid metadata: {p}" for p in exc.problems]
-            invalid.add(name)
-            continue
-        if name in modules:
-            problems.append(f"two metadata entries normalise to the module name {name!r}")
-            continue
-        modules[name] = spec
-    lists = {}
-    for field_name in ("biases", "base_weights"):
-        names = doc.get(field_name, [])
-        if not isinstance(names, list) or not all(isinstance(b, str) for b in names):
-            problems.append(
-                f"metadata {field_name!r} must be a list of module names, got {names!r}"
-            )
-            names = []
-        lists[field_name] = tuple(normalize_name(b) for b in names)
-    bias_mode = doc.get("bias", "none")
-    if bias_mode not in BIAS_MODES:
-        problems.append(f"metadata 'bias' must be one of {BIAS_MODES}, got {bias_mode!r}")
-    return Adapter(
-        tensors=tensors,
-        modules=modules,
-        biases=lists["biases"],
-        base_weights=lists["base_weights"],
-        bias=bias_mode if bias_mode in BIAS_MODES else "none",
-        problems=problems,
-        invalid_modules=invalid,
-        source=source,
-    )
+    return Adapter.from_metadata(raw, metadata[METADATA_KEY], source)

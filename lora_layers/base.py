@@ -37,6 +37,7 @@ __all__ = [
     "check_lora_args",
     "check_wrappable",
     "lora_scaling",
+    "refuse_fan_in_fan_out",
 ]
 
 
@@ -95,6 +96,16 @@ class AlreadyWrappedError(ValueError, TypeError):
     A ``ValueError`` (the module is in the wrong state) and, for code written against
     ``from_module``'s earlier contract, a ``TypeError``.
     """
+
+
+def refuse_fan_in_fan_out(fan_in_fan_out: bool, layer: str, why: str = "") -> None:
+    """Raise for ``fan_in_fan_out=True`` on a layer whose weight layout is fixed.
+
+    Raises:
+        ValueError: If ``fan_in_fan_out`` is True (the message names ``layer``).
+    """
+    if fan_in_fan_out:
+        raise ValueError(f"fan_in_fan_out=True makes no sense for {layer}{why}; drop the argument")
 
 
 def check_wrappable(

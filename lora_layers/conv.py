@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import LoRALayer
+from .base import LoRALayer, refuse_fan_in_fan_out
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
@@ -50,10 +50,7 @@ class _ConvLoRA(LoRALayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if fan_in_fan_out:
-            raise ValueError(
-                f"fan_in_fan_out=True makes no sense for {type(self).__name__}; drop the argument"
-            )
+        refuse_fan_in_fan_out(fan_in_fan_out, type(self).__name__)
         self.wraps.__init__(
             self,
             in_channels,

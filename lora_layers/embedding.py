@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoRALayer
+from .base import LoRALayer, refuse_fan_in_fan_out
 
 __all__ = ["Embedding"]
 
@@ -68,11 +68,8 @@ class Embedding(LoRALayer, nn.Embedding):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if fan_in_fan_out:
-            raise ValueError(
-                "fan_in_fan_out=True makes no sense for Embedding (its table is already "
-                "(num_embeddings, embedding_dim)); drop the argument"
-            )
+        why = " (its table is already (num_embeddings, embedding_dim))"
+        refuse_fan_in_fan_out(fan_in_fan_out, "Embedding", why)
         nn.Embedding.__init__(
             self,
             num_embeddings,
