@@ -22,8 +22,17 @@ from .embedding import Embedding
 from .fused import fuse_separate, split_fused
 from .linear import Linear
 from .lora_plus import lora_plus_param_groups
+from .memory import MemoryEstimate, estimate_memory
 from .merged import MergedLinear
 from .peft_interop import export_peft, import_peft
+from .quantized import (
+    QUANTIZED_LINEARS,
+    LoRALinear4bit,
+    LoRALinear8bitLt,
+    QuantizedLoRALinear,
+    register_quantized_linear,
+    supported_quantized_kinds,
+)
 from .surgery import (
     ALL_LINEAR,
     FUSED_LAYOUTS,
@@ -64,13 +73,19 @@ __all__ = [
     "Linear",
     "LoRAConfig",
     "LoRALayer",
+    "LoRALinear4bit",
+    "LoRALinear8bitLt",
     "LoRAPlan",
     "LoadReport",
+    "MemoryEstimate",
     "MergedLinear",
+    "QUANTIZED_LINEARS",
+    "QuantizedLoRALinear",
     "adapter_from_model",
     "count_parameters",
     "disable_adapters",
     "enable_input_require_grads",
+    "estimate_memory",
     "export_peft",
     "fuse_separate",
     "import_peft",
@@ -86,10 +101,12 @@ __all__ = [
     "merge_lora",
     "plan_lora",
     "read_adapter",
+    "register_quantized_linear",
     "replace_module",
     "resolve_fused",
     "save_lora",
     "split_fused",
+    "supported_quantized_kinds",
     "unload",
     "unmerge_lora",
     "wrap_module",

@@ -24,6 +24,7 @@ from .base import check_lora_args, lora_scaling
 from .config import FusedSpec, LoRAConfig, SliceLayout, check_slices, is_int
 from .keys import join_key, normalize_name, normalized_tensors, split_key
 from .kinds import CONV_DIMS, LAYER_KINDS, layer_kind, layer_sizes
+from .quantized import dense_weight_shape
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = [
@@ -163,7 +164,7 @@ class LayerSpec:
             lora_alpha=layer.lora_alpha,
             in_features=in_f,
             out_features=out_f,
-            weight_shape=shape_of(layer.weight),
+            weight_shape=dense_weight_shape(layer),
             dtype=dtype_name(layer.lora_A.dtype if layer.r > 0 else layer.weight.dtype),
             use_rslora=layer.use_rslora,
             lora_dropout=layer.dropout_p,

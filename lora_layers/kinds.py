@@ -19,6 +19,7 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .merged import MergedLinear
+from .quantized import QuantizedLoRALinear, find_quantized_lora_class, quantized_lora_class
 
 __all__ = [
     "CONV_DIMS",
@@ -27,6 +28,7 @@ __all__ = [
     "build_layer",
     "check_target",
     "is_hf_conv1d",
+    "is_linear",
     "layer_kind",
     "layer_sizes",
     "out_features",
@@ -67,6 +69,12 @@ def wrappable_kind(module: nn.Module) -> type | None:
     return next((base for base in _WRAPS if isinstance(module, base)), None)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer LoRA can wrap: what ``"all-linear"`` selects."""
+    linear = isinstance(module, nn.Linear) or is_hf_conv1d(module)
+    return linear or find_quantized_lora_class(module) is not None
+
+
 def out_features(module: nn.Module) -> int:
     """Output size of a linear layer (``nn.Linear`` or transformers ``Conv1D``)."""
     return module.weight.shape[1] if is_hf_conv1d(module) else module.out_features
@@ -89,6 +97,8 @@ def check_target(name: str, module: nn.Module) -> type:
     """
     base = wrappable_kind(module)
     check_wrappable(module, base or nn.Module, name)
+    if quantized_lora_class(module, name) is not None:  # raises for unsupported quantized kinds
+        return nn.Linear
     if base is None:
         children = [n for n, m in module.named_modules() if n and wrappable_kind(m)]
         hint = f"; target its layers instead, e.g. {name}.{children[0]}" if children else ""
@@ -133,6 +143,9 @@ def build_layer(module: nn.Module, config: LoRAConfig, name: str = "module") -> 
         kwargs.update(enable_lora=config.fused.enable_lora, split_sizes=config.fused.split_sizes)
     if cls is not Embedding:
         kwargs["lora_dropout"] = config.lora_dropout
+    quantized = quantized_lora_class(module, name)
+    if quantized is not None:  # a registered quantized linear: see lora_layers.quantized
+        return quantized.from_module(module, **kwargs)
     if not is_hf_conv1d(module):
         return cls.from_module(module, **kwargs)
     in_features, out_size = module.weight.shape  # Conv1D stores its weight (in, out)
@@ -146,7 +159,12 @@ def build_layer(module: nn.Module, config: LoRAConfig, name: str = "module") -> 
 
 
 def layer_kind(layer: nn.Module) -> str | None:
-    """The adapter-file name of a LoRA layer's kind (``"MergedLinear"``, ...), or None."""
+    """The adapter-file name of a LoRA layer's kind (``"MergedLinear"``, ...), or None.
+
+    A LoRA layer on a quantized base is saved as the dense layer it stands for.
+    """
+    if isinstance(layer, QuantizedLoRALinear):
+        return layer.adapter_layer
     return next((_NAME_OF[c] for c in type(layer).__mro__ if c in _NAME_OF), None)
 
 

@@ -34,6 +34,7 @@ from .base import LoRALayer
 from .keys import LORA_LEAVES, join_key, module_aliases, module_index, split_key
 from .kinds import LAYER_KINDS, is_hf_conv1d
 from .load_report import AdapterLoadError, LoadReport, refuse_load
+from .quantized import dense_weight_shape
 from .wrapping import replace_module, wrap_module
 
 __all__ = [
@@ -193,11 +194,11 @@ def _plan_module(
     if problem is not None:
         report._add("config_mismatches", name, problem)
         return None
-    if shape_of(module.weight) != spec.weight_shape:
+    if dense_weight_shape(module) != spec.weight_shape:
         report._add(
             "shape_mismatches",
             join_key(name, "weight"),
-            f"model base weight {shape_of(module.weight)}, the adapter was made for "
+            f"model base weight {dense_weight_shape(module)}, the adapter was made for "
             f"{spec.weight_shape} (a file from another model?)",
         )
         return None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .kinds import check_target, is_hf_conv1d, wrappable_kind
+from .kinds import check_target, is_hf_conv1d, is_linear, wrappable_kind
 from .layouts import as_config, resolve_fused
 from .matching import (
     TargetPatterns,
@@ -125,7 +125,7 @@ def _is_target(keys: _Keys, names: list[str], module: nn.Module, head: Any) -> t
         return True, targets.is_type(hit)
     if targets.all_linear is None or module is head:
         return False, False
-    linear = isinstance(module, nn.Linear) or is_hf_conv1d(module)
+    linear = is_linear(module)
     if linear:
         targets.hit[targets.all_linear] = True
     return linear, linear

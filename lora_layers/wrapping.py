@@ -21,6 +21,7 @@ from .config import LoRAConfig
 from .input_grads import remove_input_require_grads
 from .kinds import build_layer
 from .matching import walk_modules
+from .quantized import QuantizedLoRALinear
 from .utils import lora_modules
 
 __all__ = [
@@ -151,6 +152,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def _plain_layer(layer: LoRALayer, weight: nn.Parameter) -> nn.Module:
+    if isinstance(layer, QuantizedLoRALinear):  # its quantized base, or a dense nn.Linear
+        return layer.plain_layer(weight)
     shell = layer.__dict__.get(_SHELL)
     plain = copy.copy(shell) if shell is not None else layer.plain_module()
     plain.__dict__["_parameters"] = dict(plain._parameters)
@@ -197,7 +200,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     referenced elsewhere), so ``state_dict()``
     has exactly the original model's keys and shapes and ``save_pretrained`` writes a normal
     checkpoint. A weight tied to another module (e.g. embeddings tied to the output head)
-    is untied, keeping the model's outputs; a warning says so.
+    is untied, keeping the model's outputs; a warning says so. A LoRA layer on a quantized
+    base (:mod:`lora_layers.quantized`) becomes a dense ``nn.Linear`` holding
+    ``dequantize(W) + delta`` rounded once (see ``docs/qlora.md``).
 
     Returns:
         nn.Module: ``model``.

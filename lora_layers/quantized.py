@@ -1,0 +1,546 @@
+"""LoRA on quantized linear layers (QLoRA): bitsandbytes 4-bit and 8-bit, and a registry for more.
+
+A quantized base layer stays exactly as the quantization library built it: the LoRA layer
+holds it as its ``base_layer`` child, calls its own ``forward`` for the base output and adds
+the low-rank update of every enabled output slice on top::
+
+    y = base_layer(x)
+    y[..., slice_i] += scaling * (dropout(x) @ A_i.T) @ B_i.T
+
+No dequantized copy of the weight is kept or saved for backward, the packed weight and its
+quantization state are never written, and only ``lora_A`` / ``lora_B`` train (fp32 by
+default: the QLoRA recipe; ``lora_dtype`` overrides). The LoRA branch saves for backward the
+input (in its own dtype: the very tensor the layer received), the small ``(N, R)`` projection
+``h`` and, with dropout, the keep-mask at one bit per element.
+
+One registry, :data:`QUANTIZED_LINEARS`, maps a quantized layer class to its LoRA class;
+:func:`~lora_layers.inject_lora` consults it for every targeted module. bitsandbytes stays
+optional: ``import lora_layers`` never imports it; its two classes are registered the first
+time a model holding one of its layers is looked up. Another quantized linear (torchao, HQQ,
+...) is one small :class:`QuantizedLoRALinear` subclass (``dense_shape`` and ``dequantize``)
+plus one :func:`register_quantized_linear` call; ``docs/qlora.md`` shows how.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .base import LoRALayer, check_lora_args
+from .config import SliceLayout, check_slices
+from .quantized_function import QuantizedLoRAFunction, keep_mask
+
+__all__ = [
+    "QUANTIZATION_PACKAGES",
+    "QUANTIZED_LINEARS",
+    "LoRALinear4bit",
+    "LoRALinear8bitLt",
+    "QuantizedLoRALinear",
+    "dense_weight_shape",
+    "find_quantized_lora_class",
+    "keep_mask",
+    "quantized_lora_class",
+    "register_quantized_linear",
+    "supported_quantized_kinds",
+]
+
+#: Quantized layer class -> its LoRA class. Subclasses of a registered class use its entry.
+QUANTIZED_LINEARS: dict[type, type[QuantizedLoRALinear]] = {}
+
+#: Top-level packages whose layers are quantized: a targeted layer from one of them that has
+#: no registry entry is refused with a TypeError (never wrapped as a plain linear).
+QUANTIZATION_PACKAGES = frozenset(
+    {
+        "bitsandbytes",
+        "torchao",
+        "hqq",
+        "auto_gptq",
+        "gptqmodel",
+        "awq",
+        "optimum",
+        "quanto",
+        "eetq",
+        "aqlm",
+        "compressed_tensors",
+        "fbgemm_gpu",
+        "vptq",
+    }
+)
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------- layers
+class QuantizedLoRALinear(LoRALayer, nn.Module):
+    r"""LoRA on a quantized linear layer, which stays untouched as ``base_layer``.
+
+    .. math::
+
+        y = \mathrm{base}(x) + \frac{\alpha}{r} \, \mathrm{dropout}(x) A^\top B^\top
+
+    per enabled output slice (one slice, all outputs, unless ``enable_lora`` is given, as in
+    :class:`~lora_layers.MergedLinear`, whose ``lora_A`` / ``lora_B`` layout it shares; disabled
+    slices stay bit-identical to the base output). ``A`` is kaiming-uniform, ``B`` zeros.
+
+    A subclass per quantized kind says how big the dense weight is (:meth:`dense_shape`), how
+    to dequantize it (:meth:`dequantize`), and optionally what it refuses (:meth:`check_base`)
+    and which dtype a dense copy should have (:meth:`base_dtype`); register it with
+    :func:`register_quantized_linear`.
+
+    In-place merging is refused (adding the update into a 4-bit weight would round it away);
+    :func:`~lora_layers.merge_and_unload` replaces the layer with a dense ``nn.Linear`` holding
+    ``dequantize(W) + scaling * B @ A`` rounded once, and :func:`~lora_layers.unload` puts
+    the original quantized layer back.
+
+    Args:
+        base_layer (nn.Module): The quantized layer (kept as the ``base_layer`` child).
+        r (int): Rank of each enabled slice's update.
+        lora_alpha (float): Scaling numerator; ``scaling = lora_alpha / r``.
+        lora_dropout (float): Dropout probability on the LoRA branch's input, in ``[0, 1)``.
+        enable_lora (Sequence[bool] | None): Which output slices get LoRA (None: one update
+            over the whole output).
+        split_sizes (Sequence[int] | None): Slice sizes (default: equal slices).
+        use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)``.
+        lora_dtype (torch.dtype | None): Dtype of ``lora_A`` / ``lora_B`` (default fp32).
+        merge_weights (bool): Ignored with a warning when True: a quantized layer never
+            merges in place (``eval()`` keeps the exact unmerged path).
+
+    Raises:
+        TypeError: If ``base_layer`` is not the quantized kind this class wraps, or is in a
+            state it does not support (the message says why).
+        ValueError: For invalid slices or LoRA hyper-parameters.
+    """
+
+    #: The quantized layer class this LoRA class wraps (set by subclasses).
+    base_class: type | None = None
+    fan_in_fan_out = False
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] | None = None,
+        split_sizes: Sequence[int] | None = None,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+        merge_weights: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        check_lora_args(r, lora_alpha, lora_dropout)
+        if merge_weights:
+            warnings.warn(
+                f"merge_weights=True is ignored on a quantized {type(base_layer).__name__}: "
+                "merging in place would round the update onto the quantization grid, so eval() "
+                "keeps the exact unmerged path; merge_and_unload(model) gives dense merged layers",
+                stacklevel=3,
+            )
+        if lora_dtype is not None and not (
+            isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"lora_dtype must be a floating torch.dtype or None, got {lora_dtype!r}"
+            )
+        self.check_base(base_layer)
+        self.base_layer = base_layer
+        self.out_features, self.in_features = self.dense_shape(base_layer)
+        if enable_lora is None:
+            if split_sizes is not None:
+                raise ValueError("split_sizes needs enable_lora (one flag per slice)")
+            self.enable_lora = self.split_sizes = None
+            self._slices: tuple[tuple[int, int], ...] = ((0, self.out_features),)
+        else:
+            self.enable_lora, self.split_sizes = check_slices(
+                self.out_features, enable_lora, split_sizes
+            )
+            self._slices = SliceLayout.of(self.split_sizes, self.enable_lora).out_slices
+        self._dense_dtype: torch.dtype | None = None
+        self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, bool(self._slices))
+        if self.r > 0:
+            kw = {"device": self.weight.device, "dtype": lora_dtype or torch.float32}
+            rows = sum(stop - start for start, stop in self._slices)
+            self.lora_A = nn.Parameter(
+                torch.empty(self.r * len(self._slices), self.in_features, **kw)
+            )
+            self.lora_B = nn.Parameter(torch.empty(rows, self.r, **kw))
+            self.reset_lora_parameters()
+        nn.Module.train(self, base_layer.training)
+
+    # ------------------------------------------------------------------ per-kind hooks
+    @classmethod
+    def check_base(cls, module: nn.Module) -> None:
+        """Raise TypeError if ``module`` is in a state this class cannot wrap."""
+        if cls.base_class is not None and not isinstance(module, cls.base_class):
+            raise TypeError(
+                f"{cls.__name__} wraps {_class_name(cls.base_class)}, got {type(module).__name__}"
+            )
+
+    @staticmethod
+    def dense_shape(module: nn.Module) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the dense weight ``module`` stands for."""
+        return int(module.out_features), int(module.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The base weight, dequantized: ``(out_features, in_features)``, float dtype."""
+        raise NotImplementedError
+
+    def base_dtype(self) -> torch.dtype:
+        """The dtype a dense replacement of the base layer should have (its activations').
+
+        Default: the dtype of the first input seen in forward, else the bias's, else fp32.
+        """
+        bias = self.bias
+        return self._dense_dtype or (bias.dtype if bias is not None else torch.float32)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] | None = None,
+        split_sizes: Sequence[int] | None = None,
+        merge_weights: bool = False,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype | None = None,
+    ) -> QuantizedLoRALinear:
+        """Wrap a quantized layer (kept as ``base_layer``, never copied or modified).
+
+        Args:
+            module (nn.Module): The quantized layer.
+            r (int): Rank of each enabled slice's update.
+            lora_alpha (float): Scaling numerator.
+            lora_dropout (float): Dropout probability on the LoRA branch's input.
+            enable_lora (Sequence[bool] | None): Which output slices get LoRA (None: all).
+            split_sizes (Sequence[int] | None): Slice sizes (default: equal).
+            merge_weights (bool): Ignored with a warning when True (no in-place merging).
+            use_rslora (bool): Rank-stabilised scaling.
+            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default fp32).
+
+        Returns:
+            QuantizedLoRALinear: The new layer.
+
+        Raises:
+            TypeError, ValueError: As the constructor.
+        """
+        return cls(
+            module,
+            r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            enable_lora=enable_lora,
+            split_sizes=split_sizes,
+            use_rslora=use_rslora,
+            lora_dtype=lora_dtype,
+            merge_weights=merge_weights,
+        )
+
+    def reset_lora_parameters(self) -> None:
+        """Each slice's A block kaiming-uniform (a=sqrt(5)); B zeros."""
+        if self.r == 0:
+            return
+        for a_i in self.lora_A.data.split(self.r):
+            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ views of the base
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base layer's (quantized) weight Parameter."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The base layer's bias, or None."""
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the update is per output slice (``enable_lora`` given)."""
+        return self.enable_lora is not None
+
+    @property
+    def adapter_layer(self) -> str:
+        """The dense layer type its adapter is saved as: ``"Linear"`` or ``"MergedLinear"``."""
+        return "MergedLinear" if self.fused else "Linear"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()  # the reentrant-checkpoint guard (it never merges in place)
+        if self._dense_dtype is None and x.is_floating_point():
+            self._dense_dtype = x.dtype
+        out = self.base_layer(x)
+        if not self._lora_active():
+            return out
+        p = (
+            self.lora_dropout.p
+            if isinstance(self.lora_dropout, nn.Dropout) and self.training
+            else 0.0
+        )
+        return QuantizedLoRAFunction.apply(
+            out, x, self.lora_A, self.lora_B, self.scaling, p, self._slices
+        )
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self) -> torch.Tensor:
+        """Per-slice ``scaling * B_i @ A_i`` in its rows, zeros elsewhere: fp32 ``(out, in)``."""
+        delta = torch.zeros(
+            self.out_features, self.in_features, dtype=torch.float32, device=self.lora_A.device
+        )
+        b_row = 0
+        for i, (start, stop) in enumerate(self._slices):
+            a_i = self.lora_A[i * self.r : (i + 1) * self.r].float()  # (r, in)
+            b_i = self.lora_B[b_row : b_row + stop - start].float()  # (size_i, r)
+            delta[start:stop] = self.scaling * (b_i @ a_i)
+            b_row += stop - start
+        return delta
+
+    def get_merged_weight(self) -> torch.Tensor:
+        """``(dequantize(W).float() + delta_weight()).to(base_dtype())``: dense, rounded once.
+
+        Returns:
+            A new dense ``(out_features, in_features)`` tensor; nothing is changed.
+
+        Raises:
+            ValueError: If the merged weight would hold NaN or Inf.
+        """
+        dense = self.dequantize().detach().float()
+        if self.r > 0:
+            dense = dense + self.delta_weight().detach()
+        merged = dense.to(self.base_dtype())
+        if not torch.isfinite(merged).all():
+            bad = int((~torch.isfinite(merged)).sum())
+            raise ValueError(
+                f"merging the LoRA update into {type(self).__name__} would produce {bad} "
+                "non-finite (NaN/Inf) weight elements; check lora_A / lora_B"
+            )
+        return merged
+
+    def merge(self) -> None:
+        """Refused: an in-place merge would round the update onto the quantization grid.
+
+        Raises:
+            RuntimeError: Always (for ``r > 0``), naming the alternatives.
+        """
+        if self.r == 0:
+            return
+        raise RuntimeError(
+            f"cannot merge LoRA in place into a quantized {type(self.base_layer).__name__}: "
+            "the update would be rounded onto the quantization grid and mostly lost. Use "
+            "lora_layers.merge_and_unload(model) (dense nn.Linear layers holding "
+            "dequantize(W) + scaling * B @ A, rounded once), or keep the adapter unmerged"
+        )
+
+    def plain_layer(self, weight: torch.Tensor) -> nn.Module:
+        """What :func:`~lora_layers.unload` / :func:`~lora_layers.merge_and_unload` put back.
+
+        Args:
+            weight: ``self.weight`` (unload: the quantized layer itself comes back) or a dense
+                merged weight (a new ``nn.Linear`` holding it and the base bias).
+
+        Returns:
+            nn.Module: The quantized base layer, or a dense ``nn.Linear``.
+        """
+        if weight is self.weight:
+            nn.Module.train(self.base_layer, self.training)
+            return self.base_layer
+        with torch.device("meta"):
+            dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, False)
+        if self.bias is not None:
+            bias = self.bias
+            if bias.dtype != weight.dtype:
+                bias = nn.Parameter(bias.detach().to(weight.dtype), bias.requires_grad)
+            dense.bias = bias
+        return nn.Module.train(dense, self.training)
+
+    def extra_repr(self) -> str:
+        text = f"in_features={self.in_features}, out_features={self.out_features}, "
+        text += self.lora_extra_repr()
+        if self.fused:
+            text += f", enable_lora={self.enable_lora}, split_sizes={self.split_sizes}"
+        return text
+
+
+class LoRALinear4bit(QuantizedLoRALinear):
+    """LoRA on ``bitsandbytes.nn.Linear4bit`` (NF4 / FP4, with or without double quantisation).
+
+    The base output is ``Linear4bit.forward`` itself (bitsandbytes' ``matmul_4bit``, which
+    keeps only a reference to the packed weight for backward).
+    """
+
+    @classmethod
+    def check_base(cls, module: nn.Module) -> None:
+        super().check_base(module)
+        if getattr(module.weight, "quant_state", None) is None:
+            raise TypeError(
+                f"{type(module).__name__} is not quantized yet (weight.quant_state is None); "
+                "load the model with BitsAndBytesConfig or move the layer to its device first"
+            )
+
+    @staticmethod
+    def dense_shape(module: nn.Module) -> tuple[int, int]:
+        out_f, in_f = module.weight.quant_state.shape
+        return int(out_f), int(in_f)
+
+    def dequantize(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        data, state = self.weight.data, self.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for CPU inference
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), state)
+        return bnbf.dequantize_4bit(data, state)
+
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the weight was loaded in (``quant_state.dtype``): the model's dtype."""
+        return self.weight.quant_state.dtype
+
+
+class LoRALinear8bitLt(QuantizedLoRALinear):
+    """LoRA on ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8(), int8 weights, ``has_fp16_weights=False``).
+
+    The base output is ``Linear8bitLt.forward`` itself. The dense dtype for merging is the
+    dtype of the inputs it has seen (else its bias's, else fp32).
+    """
+
+    @classmethod
+    def check_base(cls, module: nn.Module) -> None:
+        super().check_base(module)
+        if module.state.has_fp16_weights:
+            raise TypeError(
+                "Linear8bitLt with has_fp16_weights=True trains its own fp16 weight and is not "
+                "a quantized base; load it with BitsAndBytesConfig(load_in_8bit=True)"
+            )
+        if module.weight.dtype != torch.int8:
+            raise TypeError(
+                f"Linear8bitLt is not quantized yet (weight dtype {module.weight.dtype}); "
+                "load the model with BitsAndBytesConfig or move the layer to its device first"
+            )
+
+    def dequantize(self) -> torch.Tensor:
+        scb = self.weight.SCB if getattr(self.weight, "SCB", None) is not None else None
+        if scb is None:
+            scb = self.base_layer.state.SCB
+        # As bitsandbytes' own CPU matmul: CB * (SCB / 127), row-wise.
+        return self.weight.data.float() * (scb.float().unsqueeze(1) * (1.0 / 127.0))
+
+
+# --------------------------------------------------------------------------- registry
+def register_quantized_linear(base_class: type, lora_class: type[QuantizedLoRALinear]) -> None:
+    """Teach :func:`~lora_layers.inject_lora` a quantized linear kind.
+
+    Args:
+        base_class: The quantized layer class (its subclasses use the same entry).
+        lora_class: A :class:`QuantizedLoRALinear` subclass wrapping it.
+
+    Raises:
+        TypeError: If ``lora_class`` is not a :class:`QuantizedLoRALinear` subclass.
+    """
+    if not (isinstance(lora_class, type) and issubclass(lora_class, QuantizedLoRALinear)):
+        raise TypeError(f"lora_class must subclass QuantizedLoRALinear, got {lora_class!r}")
+    if not isinstance(base_class, type):
+        raise TypeError(f"base_class must be a class, got {base_class!r}")
+    QUANTIZED_LINEARS[base_class] = lora_class
+
+
+def _register_bitsandbytes() -> None:
+    import bitsandbytes as bnb
+
+    for base, lora in (
+        (bnb.nn.Linear4bit, LoRALinear4bit),
+        (bnb.nn.Linear8bitLt, LoRALinear8bitLt),
+    ):
+        lora.base_class = base
+        register_quantized_linear(base, lora)
+
+
+# Registrations run the first time a layer from the package is looked up, so importing
+# lora_layers never imports the package: top-level package -> (register, kind names).
+_LAZY: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
+    "bitsandbytes": (
+        _register_bitsandbytes,
+        ("bitsandbytes.nn.Linear4bit", "bitsandbytes.nn.Linear8bitLt"),
+    ),
+}
+
+
+def supported_quantized_kinds() -> list[str]:
+    """Names of the quantized layer classes that can get LoRA (registered or pending)."""
+    names = {_class_name(c) for c in QUANTIZED_LINEARS}
+    for _, kinds in _LAZY.values():
+        names.update(kinds)
+    return sorted(names)
+
+
+def find_quantized_lora_class(module: nn.Module) -> type[QuantizedLoRALinear] | None:
+    """The registered LoRA class for ``module``'s quantized kind, or None (never raises)."""
+    cls = type(module)
+    if _LAZY:
+        for klass in cls.__mro__:
+            lazy = _LAZY.pop(klass.__module__.partition(".")[0], None)
+            if lazy is not None:
+                lazy[0]()
+    for klass in cls.__mro__:
+        found = QUANTIZED_LINEARS.get(klass)
+        if found is not None:
+            return found
+    return None
+
+
+def _looks_quantized(module: nn.Module) -> bool:
+    if type(module).__module__.partition(".")[0] in QUANTIZATION_PACKAGES:
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+
+
+def quantized_lora_class(
+    module: nn.Module, name: str = "module"
+) -> type[QuantizedLoRALinear] | None:
+    """The LoRA class for a quantized ``module``; None for an ordinary (float) layer.
+
+    Args:
+        module: Any layer.
+        name: Its dotted name, for the error message.
+
+    Returns:
+        The registered :class:`QuantizedLoRALinear` subclass, or None if ``module`` is not
+        quantized.
+
+    Raises:
+        TypeError: If ``module`` is quantized (its class comes from a quantization package, or
+            its weight is not floating point) but its kind is not registered; the message names
+            it and lists the supported kinds.
+    """
+    found = find_quantized_lora_class(module)
+    if found is not None or not _looks_quantized(module):
+        return found
+    raise TypeError(
+        f"cannot put LoRA on {name!r}: {_class_name(type(module))} is a quantized layer kind "
+        f"lora_layers does not support (supported: {', '.join(supported_quantized_kinds())}); "
+        "add one with lora_layers.register_quantized_linear (see docs/qlora.md)"
+    )
+
+
+def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """Shape of the dense weight a layer stands for: ``(out, in)`` for quantized linears.
+
+    Adapter files record this shape, so they do not depend on quantization.
+    """
+    if isinstance(module, QuantizedLoRALinear):
+        return (module.out_features, module.in_features)
+    found = find_quantized_lora_class(module)
+    if found is not None:
+        return tuple(found.dense_shape(module))
+    return tuple(int(s) for s in module.weight.shape)
