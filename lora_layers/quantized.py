@@ -160,7 +160,8 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             self.enable_lora, self.split_sizes = check_slices(
                 self.out_features, enable_lora, split_sizes
             )
-            self._slices = SliceLayout.of(self.split_sizes, self.enable_lora).out_slices
+            self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
+            self._slices = self.slice_layout.out_slices
         self._dense_dtype: torch.dtype | None = None
         self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, bool(self._slices))
         if self.r > 0:
