@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .reentrant import reentrant_checkpoint_inputs_need_grad
+
 __all__ = [
     "AlreadyWrappedError",
     "LoRALayer",
@@ -145,38 +147,6 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` shard (FSDP2 ``fully_shard``, tensor parallel)."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
-
-
-def _reentrant_checkpoint_inputs_need_grad() -> bool | None:
-    """Inside ``torch.utils.checkpoint(..., use_reentrant=True)``: does any input need grad?
-
-    Returns whether any tensor input of the outermost enclosing reentrant checkpoint requires
-    grad, or None when the caller runs inside no reentrant checkpoint. Only called on the rare
-    path of a training-mode forward with grad disabled, so walking the stack costs nothing in
-    ordinary training.
-
-    torch has no public way to ask "am I inside a reentrant checkpoint, and do its inputs
-    need grad?", so this reads the frame of torch's private ``CheckpointFunction.forward``.
-    It stays here, alone, and fails safe: if torch renames or restructures that function it
-    returns None and the guard does not fire (nothing else depends on it).
-    """
-    checkpoint = sys.modules.get("torch.utils.checkpoint")
-    function = getattr(checkpoint, "CheckpointFunction", None)
-    if function is None:
-        return None
-    code = getattr(getattr(function, "forward", None), "__code__", None)
-    if code is None:
-        return None
-    outermost = None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            outermost = frame
-        frame = frame.f_back
-    if outermost is None:
-        return None
-    args = outermost.f_locals.get("args", ())
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -438,7 +408,7 @@ class LoRALayer:
         """
         if not self._lora_active() or not any(p.requires_grad for p in self._lora_parameters()):
             return
-        if _reentrant_checkpoint_inputs_need_grad() is False:
+        if reentrant_checkpoint_inputs_need_grad() is False:
             raise RuntimeError(
                 f"{type(self).__name__} (r={self.r}) runs in training mode inside "
                 "torch.utils.checkpoint(use_reentrant=True) whose inputs do not require grad, "

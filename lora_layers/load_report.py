@@ -48,7 +48,8 @@ class LoadReport:
             or self.errors
         )
 
-    def _add(self, kind: str, key: str, why: str) -> None:
+    def add(self, kind: str, key: str, why: str) -> None:
+        """Record ``key`` under ``kind`` (``"missing_keys"``, ...) with the reason ``why``."""
         items = getattr(self, kind)
         if key not in items:
             items.append(key)

@@ -89,18 +89,18 @@ def _check_file_tensors(
     for leaf, shape in zip(LORA_LEAVES, shapes, strict=True):
         key = join_key(name, leaf)
         if key not in adapter.tensors:
-            report._add("missing_keys", key, "described in the file's metadata but not stored")
+            report.add("missing_keys", key, "described in the file's metadata but not stored")
             ok = False
             continue
         claimed.add(key)
         t = adapter.tensors[key]
         if shape is not None and shape_of(t) != shape:
             why = f"file {shape_of(t)}, metadata (r={spec.r}) implies {shape}"
-            report._add("shape_mismatches", key, why)
+            report.add("shape_mismatches", key, why)
             ok = False
         if spec is not None and dtype_name(t.dtype) != spec.dtype:
             why = f"tensor dtype {t.dtype}, metadata says {spec.dtype}"
-            report._add("config_mismatches", key, why)
+            report.add("config_mismatches", key, why)
             ok = False
         ok = _check_tensor(report, key, t) and ok
     return ok
@@ -112,18 +112,18 @@ def _check_lora_layer(
     """Check the file's adapter against a LoRA layer the model already has."""
     if layer.r == 0:
         why = f"the model's {type(layer).__name__} has r=0 (no LoRA parameters)"
-        report._add("config_mismatches", name, why)
+        report.add("config_mismatches", name, why)
         return False
     ok = True
     if spec is not None:
         for diff in spec.differences(LayerSpec.from_layer(layer)):
-            report._add("config_mismatches", name, diff)
+            report.add("config_mismatches", name, diff)
             ok = False
     for leaf in LORA_LEAVES:
         key, param = join_key(name, leaf), getattr(layer, leaf)
         t = adapter.tensors.get(key)
         if t is not None and shape_of(t) != shape_of(param) and key not in report.shape_mismatches:
-            report._add("shape_mismatches", key, f"file {shape_of(t)}, model {shape_of(param)}")
+            report.add("shape_mismatches", key, f"file {shape_of(t)}, model {shape_of(param)}")
             ok = False
     return ok
 
@@ -169,7 +169,7 @@ def _plan_module(
     entry = index.get(model_name)
     if entry is None:
         for key in present:
-            report._add("unexpected_keys", key, f"the model has no module named {name!r}")
+            report.add("unexpected_keys", key, f"the model has no module named {name!r}")
         return None
     raw_name, module = entry
     if isinstance(module, LoRALayer):
@@ -179,7 +179,7 @@ def _plan_module(
     kind = type(module).__name__
     if spec is None:
         for key in present:
-            report._add(
+            report.add(
                 "unexpected_keys",
                 key,
                 f"{name!r} is a plain {kind}; a state dict without lora_layers metadata only "
@@ -188,14 +188,14 @@ def _plan_module(
         return None
     if not inject:
         why = f"is a plain {kind} and inject=False; the file has LoRA"
-        report._add("config_mismatches", name, why)
+        report.add("config_mismatches", name, why)
         return None
     problem = _injection_problem(spec, module, raw_name)
     if problem is not None:
-        report._add("config_mismatches", name, problem)
+        report.add("config_mismatches", name, problem)
         return None
     if dense_weight_shape(module) != spec.weight_shape:
-        report._add(
+        report.add(
             "shape_mismatches",
             join_key(name, "weight"),
             f"model base weight {dense_weight_shape(module)}, the adapter was made for "
@@ -249,7 +249,7 @@ def _plan_modules(
             other = first_name[model_name]
             claimed.update(join_key(name, leaf) for leaf in LORA_LEAVES)
             if not _same_adapter(adapter, name, other):
-                report._add(
+                report.add(
                     "config_mismatches",
                     name,
                     f"{name!r} and {other!r} are one module in the model (registered under both "
@@ -268,7 +268,7 @@ def _plan_modules(
     for norm, (_, module) in index.items():
         if isinstance(module, LoRALayer) and module.r > 0 and norm not in covered:
             for leaf in LORA_LEAVES:
-                report._add(
+                report.add(
                     "missing_keys",
                     join_key(norm, leaf),
                     "the model has a LoRA layer here but the file has no adapter for it",
@@ -289,12 +289,12 @@ def _param_target(
             if shape_of(t) == shape_of(buffer) and t.dtype == buffer.dtype:
                 return buffer
             why = f"file {shape_of(t)} {t.dtype}, model buffer {shape_of(buffer)} {buffer.dtype}"
-            report._add("shape_mismatches", key, why)
+            report.add("shape_mismatches", key, why)
             return None
     if param is None:
-        report._add("unexpected_keys", key, f"the model has no parameter {key!r}")
+        report.add("unexpected_keys", key, f"the model has no parameter {key!r}")
     elif shape_of(t) != shape_of(param):
-        report._add("shape_mismatches", key, f"file {shape_of(t)}, model {shape_of(param)}")
+        report.add("shape_mismatches", key, f"file {shape_of(t)}, model {shape_of(param)}")
     elif _check_tensor(report, key, t):
         return param
     return None
@@ -311,7 +311,7 @@ def _plan_params(
         for name in names:
             key = join_key(name, leaf)
             if key not in adapter.tensors:
-                report._add("missing_keys", key, "listed in the file's metadata but not stored")
+                report.add("missing_keys", key, "listed in the file's metadata but not stored")
                 continue
             claimed.add(key)
             t = adapter.tensors[key]
@@ -339,7 +339,7 @@ def _validate(
                 else "the model has no LoRA parameter or bias with this name"
             )
             hint = _peft_hint(key)
-            report._add("unexpected_keys", key, f"{why}; {hint}" if hint else why)
+            report.add("unexpected_keys", key, f"{why}; {hint}" if hint else why)
     return report, plans, params
 
 
@@ -381,7 +381,7 @@ def _prepare(
             try:
                 layer = wrap_module(plan.module, plan.spec.to_config())
             except (TypeError, ValueError) as exc:
-                report._add("config_mismatches", plan.name, f"cannot wrap it: {exc}")
+                report.add("config_mismatches", plan.name, f"cannot wrap it: {exc}")
                 continue
             finally:
                 plan.requires_grad = tuple((p, p.requires_grad) for p, _ in flags)
@@ -409,7 +409,7 @@ def _prepare(
             try:
                 _merged_after_load(layer, new)
             except ValueError as exc:
-                report._add("config_mismatches", name, f"cannot merge the file's update: {exc}")
+                report.add("config_mismatches", name, f"cannot merge the file's update: {exc}")
                 failed.add(id(layer))
     failed_params = {
         id(p) for _, layer in to_merge.values() if id(layer) in failed for p in layer.parameters()
