@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -44,38 +47,69 @@ def read_jsonl(path: str | Path) -> list[Conversation]:
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If a line is not valid JSON, has no ``messages`` list, has a message with
-            an unknown role or non-string content, or has no assistant message. The message
-            names the file and line.
+            an unknown role or non-string content, or has no assistant message, or the file
+            holds no conversation. The one-line message names the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"chat data file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        raise ValueError(f"{path}: expected JSON Lines (.jsonl), one conversation per line")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        lineno = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason})") from None
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from err
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f'{where}: expected {{"messages": [...]}}, got {line[:80]!r}')
-            for message in messages:
-                if not isinstance(message, dict) or message.get("role") not in ROLES:
-                    raise ValueError(
-                        f"{where}: every message needs a role in {ROLES}, got {message!r}"
-                    )
-                if not isinstance(message.get("content"), str):
-                    raise ValueError(f"{where}: message content must be a string: {message!r}")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise ValueError(f"{where}: the conversation has no assistant message to learn")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f'{where}: expected {{"messages": [...]}}, got {line[:80]!r}')
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise ValueError(f"{where}: every message needs a role in {ROLES}, got {message!r}")
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"{where}: message content must be a string: {message!r}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: the conversation has no assistant message to learn")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
     if not conversations:
-        raise ValueError(f"chat data file {str(path)!r} holds no conversations")
+        raise ValueError(f'{path}: no conversations (expected one {{"messages": [...]}} per line)')
     return conversations
+
+
+def unknown_characters(
+    tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Conversation]
+) -> dict[str, int]:
+    """Characters of the message texts that the tokenizer maps to its unknown token.
+
+    Args:
+        tokenizer: A fast tokenizer (it must return offsets).
+        conversations: The conversations.
+
+    Returns:
+        ``{character: occurrences}``, empty when every character has a token (always so
+        for a byte-fallback tokenizer such as Phi-3's).
+    """
+    unk = tokenizer.unk_token_id
+    texts = [m["content"] for c in conversations for m in c]
+    if unk is None or not texts:
+        return {}
+    counts: dict[str, int] = {}
+    enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+        for token_id, (start, end) in zip(ids, offsets, strict=True):
+            if token_id == unk:
+                for char in text[start:end]:
+                    counts[char] = counts.get(char, 0) + 1
+    return counts
 
 
 def render_phi3(messages: Sequence[dict[str, str]], eos_token: str) -> tuple[str, list]:
@@ -205,6 +239,20 @@ def collate(
     }
 
 
+def set_stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Makes ``model.generate()`` stop at ``<|end|>`` (and the eos), and saves that with it.
+
+    Phi-3-mini-4k-instruct's generation config already lists ``<|end|>``; a checkpoint whose
+    config lists only ``<|endoftext|>`` would otherwise run on past the end of a reply.
+    """
+    configured = model.generation_config.eos_token_id
+    configured = [] if configured is None else configured
+    configured = [configured] if isinstance(configured, int) else list(configured)
+    missing = [i for i in stop_token_ids(tokenizer) if i not in configured]
+    if missing:
+        model.generation_config.eos_token_id = configured + missing
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids that end a generated reply: ``<|end|>`` and the eos token.
 
@@ -246,6 +294,8 @@ def generate_replies(
     Returns:
         The decoded replies, special tokens removed, stripped of surrounding whitespace.
     """
+    from transformers import GenerationConfig
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -1,11 +1,13 @@
-"""Settings of the Phi-3 LoRA fine-tune: three config dataclasses and the command line.
+"""Settings of the Phi-3 LoRA fine-tune: two config dataclasses and the command line.
 
-``TrainingConfig`` (model, data, optimisation, logging, saving), ``LoRAConfig`` (rank, alpha,
-dropout, targets) and ``tiny_phi3.TinyBaseConfig`` (the locally built base) are the three
-sections of a JSON config file. Every field's ``help`` metadata is its ``--help`` text, and
-every field is a flag: ``learning_rate`` is ``--learning-rate``, ``r`` is ``--lora-r``,
-``tiny_base.pretrain_steps`` is ``--tiny-pretrain-steps``. Settings resolve as built-in
-defaults, then ``--config FILE``, then flags.
+``TrainingConfig`` (model, data, optimisation, logging, saving) and ``LoRAConfig`` (rank,
+alpha, dropout, targets) are the two sections of a JSON config file. Every field's ``help``
+metadata is its ``--help`` text, and every field is a flag: ``learning_rate`` is
+``--learning-rate``, ``r`` is ``--lora-r``. Settings resolve as built-in defaults, then
+``--config FILE``, then flags. ``--overwrite`` and ``--debug`` say how to run, not what to
+train, so they are flags only and never saved.
+
+This module imports neither torch nor transformers, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -18,14 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tiny_phi3
-import torch
-
-import lora_layers
-
 EXAMPLES_DIR = Path(__file__).resolve().parent
-DEFAULT_CACHE_DIR = EXAMPLES_DIR / ".cache"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_MODEL_DIR = EXAMPLES_DIR / "tiny-phi3-base"
+"""The shipped pretrained tiny Phi-3 (written by ``make_base.py``): the default ``--model``."""
+DTYPES = ("float32", "bfloat16", "float16")
+ALL_LINEAR = "all-linear"
+
+
+class UserError(Exception):
+    """A problem with the user's settings, data or folders (not a bug).
+
+    The script reports it as one line, writes it to ``train.log`` where that is safe, and
+    exits with code 2; ``--debug`` shows the traceback instead.
+    """
 
 
 # --------------------------------------------------------------------------- configs
@@ -45,7 +52,7 @@ class TrainingConfig:
             "metavar": "DIR",
             "help": "local Phi-3 checkpoint directory (config, weights and tokenizer, e.g. a "
             "downloaded microsoft/Phi-3-mini-4k-instruct); nothing is downloaded. Default: the "
-            "tiny Phi-3 built and pretrained locally",
+            "shipped pretrained tiny Phi-3 in examples/tiny-phi3-base",
         },
     )
     data: str | None = field(
@@ -80,7 +87,7 @@ class TrainingConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the split, data order and LoRA init"})
     max_steps: int = field(
-        default=400, metadata={"help": "optimizer steps; 0 means use --num-train-epochs"}
+        default=300, metadata={"help": "optimizer steps; 0 means use --num-train-epochs"}
     )
     num_train_epochs: float = field(
         default=1.0, metadata={"help": "epochs over the training data when --max-steps is 0"}
@@ -116,7 +123,7 @@ class TrainingConfig:
         metadata={
             "metavar": "DIR|latest",
             "help": "continue from a checkpoint directory, or 'latest' for the newest one in "
-            "--output-dir/checkpoints",
+            "--output-dir/checkpoints; --max-steps may be raised to train longer",
         },
     )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto"})
@@ -157,16 +164,9 @@ class TrainingConfig:
     threads: int = field(
         default=0,
         metadata={
-            "help": "torch CPU threads; 0: auto (1 for the tiny base on CPU, whose small "
+            "help": "torch CPU threads; 0: auto (1 for the shipped tiny base on CPU, whose small "
             "matrices gain little from more and stall when the CPU is shared; else torch's "
             "default)"
-        },
-    )
-    cache_dir: str = field(
-        default=str(DEFAULT_CACHE_DIR),
-        metadata={
-            "metavar": "DIR",
-            "help": "cache of the pretrained tiny base (keyed by its config)",
         },
     )
 
@@ -249,30 +249,33 @@ class LoRAConfig:
 
     def targets(self) -> str | list[str]:
         """``target_modules`` as :func:`lora_layers.inject_lora` takes it."""
-        if self.target_modules.strip() == lora_layers.ALL_LINEAR:
-            return lora_layers.ALL_LINEAR
+        if self.target_modules.strip() == ALL_LINEAR:
+            return ALL_LINEAR
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a run needs: the three sections of a config file."""
+    """Everything a run needs: the two sections of a config file, and how to run.
+
+    Attributes:
+        training: What to train on, for how long, what to save.
+        lora: Where LoRA goes and how big it is.
+        overwrite: Replace an earlier run in ``output_dir`` (never saved to a config file).
+        debug: Show tracebacks for user errors too (never saved to a config file).
+    """
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    tiny_base: tiny_phi3.TinyBaseConfig = field(default_factory=tiny_phi3.TinyBaseConfig)
+    overwrite: bool = False
+    debug: bool = False
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """The config file form: ``{"training": {...}, "lora": {...}, "tiny_base": {...}}``."""
+        """The config file form: ``{"training": {...}, "lora": {...}}``."""
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
-SECTIONS: dict[str, type] = {
-    "training": TrainingConfig,
-    "lora": LoRAConfig,
-    "tiny_base": tiny_phi3.TinyBaseConfig,
-}
-_FLAG_PREFIX = {"training": "", "lora": "", "tiny_base": "tiny-"}
+SECTIONS: dict[str, type] = {"training": TrainingConfig, "lora": LoRAConfig}
 
 # Fields that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = frozenset(
@@ -285,16 +288,39 @@ RESUMABLE_CHANGES = frozenset(
         "show_samples",
         "output_dir",
         "threads",
-        "cache_dir",
         "eval_batch_size",
         "save_merged",
     }
 )
+# Fields that set the run's length: a resumed run may train longer (the cosine schedule is
+# stretched to the new end, as when the Hugging Face Trainer resumes with a larger max_steps).
+LENGTH_SETTINGS = frozenset({"max_steps", "num_train_epochs"})
+
+
+def resume_differences(saved: dict[str, dict[str, Any]], current: RunConfig) -> list[str]:
+    """The settings that differ from a checkpoint's run and would change the result.
+
+    Args:
+        saved: The checkpoint's config (``to_dict`` form).
+        current: This run's config.
+
+    Returns:
+        One ``"section.name: checkpoint X, now Y"`` entry per difference, ignoring
+        :data:`RESUMABLE_CHANGES` and :data:`LENGTH_SETTINGS`.
+    """
+    now = current.to_dict()
+    return [
+        f"{section}.{name}: checkpoint {value!r}, now {now.get(section, {}).get(name)!r}"
+        for section, values in saved.items()
+        for name, value in values.items()
+        if name not in RESUMABLE_CHANGES | LENGTH_SETTINGS
+        and now.get(section, {}).get(name) != value
+    ]
 
 
 # --------------------------------------------------------------------------- command line
 def _flag(section: str, f: dataclasses.Field) -> str:
-    return "--" + f.metadata.get("flag", _FLAG_PREFIX[section] + f.name.replace("_", "-"))
+    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
 
 
 def _parser_type(annotation: Any) -> type:
@@ -303,7 +329,7 @@ def _parser_type(annotation: Any) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser: ``--config`` plus one flag per config field.
+    """The command-line parser: ``--config``, ``--overwrite``, ``--debug``, one flag per field.
 
     Flags default to "not given", so a config file's values are only overridden by flags the
     user actually passes. Help texts show the built-in defaults.
@@ -312,26 +338,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finetune_phi3.py",
         description=(
             "Fine-tune Phi-3 with LoRA (lora_layers) on chat-instruction data in a plain PyTorch "
-            "loop. With no arguments: a tiny locally pretrained Phi-3 on the shipped dataset, "
-            "a few minutes on a CPU, no network."
+            "loop. With no arguments: the shipped pretrained tiny Phi-3 on the shipped dataset, "
+            "about a minute on a CPU, no network."
         ),
         epilog=(
             "Settings are resolved as built-in defaults < --config file < flags. The run's "
-            "resolved settings are written to OUTPUT_DIR/config.json, which --config accepts."
+            "resolved settings are written to OUTPUT_DIR/config.json, which --config accepts. "
+            "User errors print one line and exit with code 2."
         ),
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help='JSON config file: {"training": {...}, "lora": {...}, "tiny_base": {...}}, '
-        "keys as the field names below (dashes become underscores)",
+        help='JSON config file: {"training": {...}, "lora": {...}}, keys as the field names '
+        "below (dashes become underscores)",
     )
-    titles = {
-        "training": "training (model, data, optimisation, logging, saving)",
-        "lora": "LoRA",
-        "tiny_base": "tiny base (only without --model: the locally pretrained Phi-3)",
-    }
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output-dir (without it such a run is refused); its "
+        "files are removed only once this run's settings, data and model have loaded",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback for user errors too")
+    titles = {"training": "training (model, data, optimisation, logging, saving)", "lora": "LoRA"}
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(titles[section])
         hints = typing.get_type_hints(cls)
@@ -365,23 +395,26 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
         ``{section: {field: value}}`` with only the keys the file sets.
 
     Raises:
-        ValueError: If the file has an unknown section or key (the message lists the valid ones).
+        UserError: If the file is missing, is not JSON, or has an unknown section or key (the
+            message names the file, the line for bad JSON, and the valid names).
     """
-    raw = json.loads(Path(path).read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"config file {path} must hold a JSON object")
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"--config {str(path)!r}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise UserError(f'{path}: expected {{"training": {{...}}, "lora": {{...}}}}')
     unknown_sections = sorted(set(raw) - set(SECTIONS))
     if unknown_sections:
-        raise ValueError(
-            f"config file {path}: unknown section(s) {unknown_sections}; valid: {list(SECTIONS)}"
-        )
+        raise UserError(f"{path}: unknown section(s) {unknown_sections}; valid: {list(SECTIONS)}")
     for section, values in raw.items():
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(
-                f"config file {path}: unknown key(s) {unknown} in {section!r}; "
-                f"valid: {sorted(names)}"
+            raise UserError(
+                f"{path}: unknown key(s) {unknown} in {section!r}; valid: {sorted(names)}"
             )
     return raw
 
@@ -394,13 +427,22 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
     Returns:
         The resolved, validated config.
+
+    Raises:
+        UserError: If the config file or a setting is invalid (argparse itself exits with
+            code 2 on an unknown flag or a value of the wrong type).
     """
     ns = vars(build_parser().parse_args(argv))
     values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     if "config" in ns:
         for section, section_values in load_config_file(ns.pop("config")).items():
             values[section].update(section_values)
+    overwrite, debug = ns.pop("overwrite", False), ns.pop("debug", False)
     for dest, value in ns.items():
         section, name = dest.split(".", 1)
         values[section][name] = value
-    return RunConfig(**{section: SECTIONS[section](**values[section]) for section in SECTIONS})
+    try:
+        sections = {section: SECTIONS[section](**values[section]) for section in SECTIONS}
+    except (TypeError, ValueError) as err:
+        raise UserError(f"invalid setting: {err}") from None
+    return RunConfig(**sections, overwrite=overwrite, debug=debug)

@@ -1,7 +1,8 @@
-"""A tiny Phi-3 and its tokenizer, built locally, with a short cached pretraining stage.
+"""Writes the shipped pretrained tiny Phi-3 (examples/tiny-phi3-base/): deterministic.
 
 The default fine-tune needs a base model that already knows something, without downloading
-one. This module builds
+one; this script made the one in the repository (a few MB), so the fine-tune is the whole
+default run. It builds
 
 * a character-level ``PreTrainedTokenizerFast`` (printable ASCII plus Phi-3's special tokens
   ``<|endoftext|>``, ``<|system|>``, ``<|user|>``, ``<|assistant|>``, ``<|end|>``, with Phi-3's
@@ -11,19 +12,25 @@ one. This module builds
 * a full-parameter pretraining run on plain fact sentences from :mod:`toy_tasks`, never on
   chat-formatted text, so the base learns the facts but not to follow instructions.
 
-The pretrained model and tokenizer are saved with ``save_pretrained`` under a cache folder
-keyed by a hash of everything that determines them, so later runs load them in a second.
+and saves the model and tokenizer with ``save_pretrained``, plus ``make_base.json`` (the
+settings, the final pretraining loss, the versions used). The run is seeded and uses one CPU
+thread, so on one machine it writes the same weights every time; other CPUs or library
+versions may round differently, which is why the result is shipped rather than rebuilt::
+
+    python examples/make_base.py                    # rewrite examples/tiny-phi3-base (~2 min idle)
+    python examples/make_base.py --out-dir /tmp/b   # somewhere else
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import hashlib
 import json
-import logging
 import math
+import os
 import shutil
 import string
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +39,15 @@ import torch
 import toy_tasks
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    AutoTokenizer,
+    GenerationConfig,
     Phi3Config,
     Phi3ForCausalLM,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
 
-logger = logging.getLogger("finetune_phi3")
+OUT_DIR = Path(__file__).resolve().parent / "tiny-phi3-base"
 
 #: Phi-3-mini-4k-instruct's chat template (system, user and assistant turns).
 PHI3_CHAT_TEMPLATE = (
@@ -60,8 +66,6 @@ CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (UNK_TOKEN, EOS_TOKEN, *CHAT_TOKENS)
 CHARACTERS = tuple(sorted(set(string.printable) - set("\t\r\x0b\x0c")))
 """Every printable ASCII character, newline and space included: one token each."""
-
-_CACHE_FORMAT = 1  # bump when the pretraining code changes what it produces
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -92,7 +96,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 @dataclass(frozen=True)
 class TinyBaseConfig:
-    """Size of the locally built Phi-3 and its pretraining run (used when no --model is given).
+    """Size of the tiny Phi-3 and its pretraining run.
 
     Attributes:
         hidden_size: Model width.
@@ -107,20 +111,18 @@ class TinyBaseConfig:
         seed: Seed of the initial weights and of the pretraining text.
     """
 
-    hidden_size: int = field(default=128, metadata={"help": "tiny base: model width"})
-    num_hidden_layers: int = field(default=4, metadata={"help": "tiny base: decoder layers"})
-    num_attention_heads: int = field(default=4, metadata={"help": "tiny base: query heads"})
+    hidden_size: int = field(default=128, metadata={"help": "model width"})
+    num_hidden_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    num_attention_heads: int = field(default=4, metadata={"help": "query heads"})
     num_key_value_heads: int = field(
-        default=4, metadata={"help": "tiny base: key/value heads (fewer = grouped-query)"}
+        default=4, metadata={"help": "key/value heads (fewer = grouped-query)"}
     )
-    intermediate_size: int = field(default=256, metadata={"help": "tiny base: MLP width"})
-    pretrain_steps: int = field(
-        default=1000, metadata={"help": "tiny base: pretraining optimizer steps (cached)"}
-    )
-    pretrain_batch_size: int = field(default=32, metadata={"help": "tiny base: pretraining rows"})
-    pretrain_seq_len: int = field(default=64, metadata={"help": "tiny base: tokens per row"})
-    pretrain_lr: float = field(default=2e-3, metadata={"help": "tiny base: peak pretraining lr"})
-    seed: int = field(default=0, metadata={"help": "tiny base: seed of weights and text"})
+    intermediate_size: int = field(default=256, metadata={"help": "MLP width"})
+    pretrain_steps: int = field(default=1000, metadata={"help": "pretraining optimizer steps"})
+    pretrain_batch_size: int = field(default=32, metadata={"help": "pretraining rows"})
+    pretrain_seq_len: int = field(default=64, metadata={"help": "tokens per row"})
+    pretrain_lr: float = field(default=2e-3, metadata={"help": "peak pretraining lr"})
+    seed: int = field(default=0, metadata={"help": "seed of weights and text"})
 
     def __post_init__(self) -> None:
         for name in (
@@ -174,44 +176,6 @@ def phi3_config(cfg: TinyBaseConfig, tokenizer: PreTrainedTokenizerBase) -> Phi3
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-
-
-def save_pretrained_quietly(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
-) -> None:
-    """``save_pretrained`` of a model and its tokenizer, without transformers' progress bar."""
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    finally:
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def cache_key(cfg: TinyBaseConfig) -> str:
-    """A short hash of everything that determines the pretrained tiny base.
-
-    Args:
-        cfg: The tiny base config.
-
-    Returns:
-        16 hex digits; a change to the config, the tokenizer's vocabulary, the tasks or the
-        cache format gives a different key.
-    """
-    payload = {
-        "config": dataclasses.asdict(cfg),
-        "characters": "".join(CHARACTERS),
-        "special_tokens": SPECIAL_TOKENS,
-        "tasks": [
-            (t.name, t.sentences, [(ops, t.answer(*ops)) for ops in t.operands])
-            for t in toy_tasks.TASKS
-        ],
-        "format": _CACHE_FORMAT,
-    }
-    blob = json.dumps(payload, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _pretraining_rows(
@@ -292,70 +256,102 @@ def pretrain(
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % 250 == 0 or step == steps - 1:
-            logger.info(
-                "pretrain step %d/%d  loss %.4f  (%.0f s)",
-                step + 1,
-                steps,
-                sum(losses[-50:]) / len(losses[-50:]),
-                time.perf_counter() - start,
+            mean = sum(losses[-50:]) / len(losses[-50:])
+            print(
+                f"step {step + 1}/{steps}  loss {mean:.4f}  ({time.perf_counter() - start:.0f} s)"
             )
     model.eval()
     return losses
 
 
-def load_or_pretrain(
-    cfg: TinyBaseConfig,
-    cache_dir: str | Path,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    attn_implementation: str = "sdpa",
-) -> tuple[Phi3ForCausalLM, PreTrainedTokenizerBase, Path]:
-    """Loads the pretrained tiny base from the cache, or builds, pretrains and caches it.
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``<|end|>`` (the end of every chat turn) and ``<|endoftext|>``: where generation stops."""
+    return [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
 
-    Either way the returned model is read back from the cache folder, so a fresh and a cached
-    run start from identical weights.
+
+def make_base(cfg: TinyBaseConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Builds, pretrains and saves the tiny base (one CPU thread, seeded).
+
+    The folder is written under a temporary name and renamed, so it is never half written.
+    Its ``generation_config.json`` stops generation at ``<|end|>`` as well as at the eos, as
+    Phi-3-mini-4k-instruct's does.
 
     Args:
-        cfg: The tiny base config; its :func:`cache_key` names the cache entry.
-        cache_dir: Folder of cache entries (created if missing).
-        device: Where to pretrain and return the model.
-        progress: Show a progress bar while pretraining.
-        attn_implementation: Attention kernel of the returned model (``eager``, ``sdpa``, ...).
+        cfg: Sizes and pretraining settings.
+        out_dir: The folder to (re)write.
+        progress: Show a progress bar.
 
     Returns:
-        ``(model, tokenizer, path)``: the model (fp32, eval mode), and its cache folder,
-        which holds a normal ``save_pretrained`` checkpoint (``--model`` accepts it).
+        The folder: a ``save_pretrained`` checkpoint ``from_pretrained`` loads.
     """
-    path = Path(cache_dir) / f"tiny_phi3_{cache_key(cfg)}"
-
-    def load() -> tuple[Phi3ForCausalLM, PreTrainedTokenizerBase, Path]:
-        model = Phi3ForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
-        return model.to(device).eval(), AutoTokenizer.from_pretrained(path), path
-
-    if (path / "config.json").is_file() and (path / "pretrain.json").is_file():
-        logger.info("loading the cached pretrained tiny base from %s", path)
-        return load()
-
-    logger.info(
-        "pretraining the tiny base (%d steps; cached afterwards in %s)", cfg.pretrain_steps, path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same sums in the same order on every run
+    try:
+        tokenizer = build_tokenizer()
+        torch.manual_seed(cfg.seed)
+        model = Phi3ForCausalLM(phi3_config(cfg, tokenizer))
+        start = time.perf_counter()
+        losses = pretrain(model, tokenizer, cfg, progress=progress)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
     )
-    tokenizer = build_tokenizer()
-    torch.manual_seed(cfg.seed)
-    model = Phi3ForCausalLM(phi3_config(cfg, tokenizer)).to(device)
-    start = time.perf_counter()
-    losses = pretrain(model, tokenizer, cfg, progress=progress)
-    seconds = time.perf_counter() - start
-
-    tmp = path.with_name(path.name + ".tmp")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained_quietly(model, tokenizer, tmp)
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+    import transformers
+
     summary = {
         "config": dataclasses.asdict(cfg),
-        "seconds": round(seconds, 2),
-        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
-    (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    logger.info("pretrained the tiny base in %.0f s; saved to %s", seconds, path)
-    return load()
+    (tmp / "make_base.json").write_text(json.dumps(summary, indent=2) + "\n")
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``--out-dir`` and one flag per :class:`TinyBaseConfig` field."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="folder to write")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TinyBaseConfig):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f.metadata["help"],
+        )
+    args = vars(parser.parse_args(argv))
+    out_dir, progress = args.pop("out_dir"), not args.pop("no_progress")
+    try:
+        cfg = TinyBaseConfig(**args)
+    except ValueError as err:
+        parser.error(str(err))
+    path = make_base(cfg, out_dir, progress=progress)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
