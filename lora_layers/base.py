@@ -238,13 +238,14 @@ class LoRALayer:
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """A kaiming-uniform (a=sqrt(5)), as torch initialises the base weight; B zeros.
+        """Each ``(r, in)`` block of A kaiming-uniform (a=sqrt(5)), as its own torch layer; B zeros.
 
         The update ``B @ A`` is then exactly zero; layers that initialise otherwise say so.
         """
         if self.r == 0:
             return
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        for a_i in self.lora_A.data.split(self.r):  # one (r, in) block per enabled slice
+            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         self.unmerge()
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from .config import SliceLayout, check_slices
 from .linear import Linear
@@ -96,15 +94,6 @@ class MergedLinear(Linear):
         """``lora_A``: ``(r * n_enabled, in)``; ``lora_B``: ``(enabled rows, r)``."""
         n_enabled = len(self.slice_layout.out_slices)
         return (self.r * n_enabled, self.in_features), (self.slice_layout.b_rows, self.r)
-
-    def reset_lora_parameters(self) -> None:
-        """Each slice's A block kaiming-uniform (a=sqrt(5)), as its own ``nn.Linear``; B zeros."""
-        if self.r == 0:
-            return
-        for a_i in self.lora_A.data.split(self.r):
-            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        self.unmerge()
 
     def delta_weight(self) -> torch.Tensor:
         """Per-slice ``scaling * B_i @ A_i`` placed in its rows, zeros elsewhere.

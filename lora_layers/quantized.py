@@ -23,7 +23,6 @@ plus one :func:`register_quantized_linear` call; ``docs/qlora.md`` shows how.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -244,14 +243,6 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             lora_dtype=lora_dtype,
             merge_weights=merge_weights,
         )
-
-    def reset_lora_parameters(self) -> None:
-        """Each slice's A block kaiming-uniform (a=sqrt(5)); B zeros."""
-        if self.r == 0:
-            return
-        for a_i in self.lora_A.data.split(self.r):
-            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     # ------------------------------------------------------------------ views of the base
     @property
