@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .functional import transforms_active
 from .reentrant import reentrant_checkpoint_inputs_need_grad
 
 __all__ = [
@@ -341,6 +342,8 @@ class LoRALayer:
         """
         if self.merged_weight is None or self.disable_adapters:
             return False
+        if not torch.compiler.is_compiling() and transforms_active():
+            return False  # torch.func may be differentiating the parameters it swapped in
         # The merged weight is detached: a trainable base weight needs the unmerged path too.
         needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
         return not (needs_grad and torch.is_grad_enabled())
