@@ -26,13 +26,22 @@ import numbers
 import sys
 import warnings
 import weakref
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .functional import transforms_active
+from .reentrant import reentrant_checkpoint_inputs_need_grad
 
-__all__ = ["LoRALayer", "check_lora_args", "check_wrappable"]
+__all__ = [
+    "AlreadyWrappedError",
+    "LoRALayer",
+    "check_lora_args",
+    "check_wrappable",
+    "lora_scaling",
+    "refuse_fan_in_fan_out",
+]
 
 
 def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None:
@@ -68,19 +77,60 @@ def check_lora_args(r: object, lora_alpha: object, lora_dropout: object) -> None
         raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout}")
 
 
-def check_wrappable(module: nn.Module, expected: type | tuple[type, ...]) -> None:
-    """Check that ``from_module`` can wrap ``module``.
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The LoRA scaling, computed here only: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+
+    Args:
+        r: The rank (0: no update, scaling 0).
+        lora_alpha: The scaling numerator.
+        use_rslora: Rank-stabilised scaling.
+
+    Returns:
+        float: The factor the update ``B @ A`` is multiplied by.
+    """
+    if r == 0:
+        return 0.0
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+class AlreadyWrappedError(ValueError, TypeError):
+    """A module that already has LoRA was given to be wrapped again.
+
+    A ``ValueError`` (the module is in the wrong state) and, for code written against
+    ``from_module``'s earlier contract, a ``TypeError``.
+    """
+
+
+def refuse_fan_in_fan_out(fan_in_fan_out: bool, layer: str, why: str = "") -> None:
+    """Raise for ``fan_in_fan_out=True`` on a layer whose weight layout is fixed.
+
+    Raises:
+        ValueError: If ``fan_in_fan_out`` is True (the message names ``layer``).
+    """
+    if fan_in_fan_out:
+        raise ValueError(f"fan_in_fan_out=True makes no sense for {layer}{why}; drop the argument")
+
+
+def check_wrappable(
+    module: nn.Module, expected: type | tuple[type, ...], name: str | None = None
+) -> None:
+    """Check that ``module`` can get LoRA: the one check every wrapping path runs.
 
     Args:
         module: The layer to wrap.
         expected: The torch layer type(s) the LoRA layer replaces.
+        name: The module's dotted name, for the messages (None: its type names it).
 
     Raises:
-        TypeError: If ``module`` already has LoRA or is not an instance of ``expected``.
+        AlreadyWrappedError: If ``module`` already has LoRA (unload it first).
+        TypeError: If ``module`` is not an instance of ``expected``.
     """
     if isinstance(module, LoRALayer):
-        raise TypeError(
-            f"{type(module).__name__} already has LoRA; unload it before wrapping it again"
+        what = type(module).__name__ if name is None else f"{name!r}"
+        kind = "" if name is None else f" ({type(module).__name__})"
+        raise AlreadyWrappedError(
+            f"{what} already has LoRA{kind}; unload it (unload(model) or "
+            "merge_and_unload(model)) before wrapping it again"
         )
     if not isinstance(module, expected):
         names = (
@@ -98,31 +148,6 @@ def _is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` shard (FSDP2 ``fully_shard``, tensor parallel)."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless imported
     return dtensor is not None and isinstance(tensor, dtensor.DTensor)
-
-
-def _reentrant_checkpoint_inputs_need_grad() -> bool | None:
-    """Inside ``torch.utils.checkpoint(..., use_reentrant=True)``: does any input need grad?
-
-    Returns whether any tensor input of the outermost enclosing reentrant checkpoint requires
-    grad, or None when the caller runs inside no reentrant checkpoint. Only called on the rare
-    path of a training-mode forward with grad disabled, so walking the stack costs nothing in
-    ordinary training.
-    """
-    checkpoint = sys.modules.get("torch.utils.checkpoint")
-    function = getattr(checkpoint, "CheckpointFunction", None)
-    if function is None:
-        return None
-    code = function.forward.__code__
-    outermost = None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            outermost = frame
-        frame = frame.f_back
-    if outermost is None:
-        return None
-    args = outermost.f_locals.get("args", ())
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def _version(tensor: torch.Tensor) -> int | None:
@@ -156,6 +181,8 @@ class LoRALayer:
     lora_dropout: nn.Module
     merged_weight: torch.Tensor | None
     weight: nn.Parameter
+    #: The torch layer type(s) this LoRA layer replaces: what ``from_module`` accepts.
+    wraps: ClassVar[type[nn.Module]]
 
     def _setup_lora(
         self,
@@ -180,11 +207,16 @@ class LoRALayer:
             # The pretrained weight is frozen, as in loralib; the bias keeps its own setting.
             self.weight.requires_grad_(False)
 
-    def _adopt(self, module: nn.Module, lora_dtype: torch.dtype | None) -> None:
+    def adopt(self, module: nn.Module, lora_dtype: torch.dtype | None) -> None:
         """Take ``module``'s own ``weight``/``bias`` Parameters (shared, never copied).
 
-        Called by ``from_module`` on a layer built on the meta device; the LoRA parameters
-        are then created on the weight's device, so meta-device models stay on meta.
+        Called by ``from_module`` (and the layer-kind registry, :mod:`lora_layers.kinds`) on a
+        layer built on the meta device; the LoRA parameters are then created on the weight's
+        device, so meta-device models stay on meta.
+
+        Args:
+            module: The layer whose Parameters to take.
+            lora_dtype: Dtype of the LoRA parameters (None: the weight's).
         """
         self.weight = module.weight
         self.bias = getattr(module, "bias", None)  # nn.Embedding has no bias attribute
@@ -194,13 +226,82 @@ class LoRALayer:
         # Copy the mode without merging: an eval-mode layer merges on its next eval() call.
         nn.Module.train(self, module.training)
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+    def lora_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of ``lora_A`` and ``lora_B`` (each layer kind says its own)."""
         raise NotImplementedError
 
+    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self.r == 0:
+            return
+        shape_a, shape_b = self.lora_shapes()
+        self.lora_A = nn.Parameter(torch.empty(shape_a, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(shape_b, device=device, dtype=dtype))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """Each ``(r, in)`` block of A kaiming-uniform (a=sqrt(5)), as its own torch layer; B zeros.
+
+        The update ``B @ A`` is then exactly zero; layers that initialise otherwise say so.
+        """
+        if self.r == 0:
+            return
+        for a_i in self.lora_A.data.split(self.r):  # one (r, in) block per enabled slice
+            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.unmerge()
+
+    @classmethod
+    def module_args(cls, module: nn.Module) -> dict[str, Any]:
+        """The constructor arguments that rebuild ``module``'s base layer (sizes, settings)."""
+        raise NotImplementedError
+
+    def plain_module(self) -> nn.Module:
+        """A torch layer of the kind this layer replaces, with its settings and no Parameters.
+
+        Built on the meta device with ``weight`` / ``bias`` set to None, for
+        :func:`~lora_layers.unload` to give the Parameters to.
+        """
+        with torch.device("meta"):
+            plain = self.wraps(**self.module_args(self))
+        for leaf in ("weight", "bias"):
+            if leaf in plain._parameters:
+                plain._parameters[leaf] = None
+        return plain
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, lora_dtype: torch.dtype | None = None, **lora_args: Any
+    ) -> LoRALayer:
+        """Wrap an existing torch layer, sharing (not copying) its ``weight`` and ``bias``.
+
+        The new layer is built on the meta device and takes the module's own Parameters, so
+        this works on meta-device models; the LoRA parameters are created on the weight's
+        device.
+
+        Args:
+            module (nn.Module): The layer to wrap, an instance of ``cls.wraps``.
+            lora_dtype (torch.dtype | None): Dtype of ``lora_A`` / ``lora_B`` (default: the
+                weight's), e.g. ``torch.float32`` on a bf16 base.
+            **lora_args: The constructor's LoRA arguments: ``r``, ``lora_alpha``,
+                ``lora_dropout`` (not for ``Embedding``), ``merge_weights``, ``use_rslora``,
+                and ``enable_lora`` / ``split_sizes`` for ``MergedLinear``.
+
+        Returns:
+            LoRALayer: A new layer whose ``weight`` / ``bias`` are the module's Parameters.
+
+        Raises:
+            TypeError: If ``module`` is not a ``cls.wraps``, or an argument is unknown.
+            AlreadyWrappedError: If ``module`` already has LoRA.
+            ValueError: For invalid LoRA hyper-parameters (or slices).
+        """
+        check_wrappable(module, cls.wraps)
+        with torch.device("meta"):
+            layer = cls(**cls.module_args(module), **lora_args)
+        layer.adopt(module, lora_dtype)
+        return layer
+
     def _compute_scaling(self, r: int) -> float:
-        if r == 0:
-            return 0.0
-        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+        return lora_scaling(r, self.lora_alpha, self.use_rslora)
 
     # ------------------------------------------------------------------ state
     @property
@@ -218,28 +319,34 @@ class LoRALayer:
             return ()
         return (self.lora_A, self.lora_B)
 
+    def _prepare_forward(self) -> None:
+        """The explicit steps every forward takes before choosing its path.
+
+        In training mode with grad disabled, the reentrant-checkpoint guard
+        (:meth:`_check_gradient_reaches_lora`); and while merged, refreshing a merged weight
+        that went stale (a parameter changed in place since the merge: an optimizer step
+        taken in eval mode, a load, an init; or was replaced: another adapter's lora_B), so
+        the merged path never uses an old one.
+        """
+        compiling = torch.compiler.is_compiling()
+        if self.training and not torch.is_grad_enabled() and not compiling:
+            self._check_gradient_reaches_lora()
+        if not compiling and self._use_merged() and self._merge_is_stale():
+            self._merge_or_warn()  # stays unmerged (with a warning) if the merge overflows
+
     def _use_merged(self) -> bool:
-        """Whether forward may run the merged single-op path.
+        """Whether forward may run the merged single-op path (only answers; changes nothing).
 
         Only while merged, with the adapter on, and when no LoRA gradient is needed: a forward
         that must train the adapter runs the unmerged path so its gradients are exact.
         """
-        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._check_gradient_reaches_lora()
         if self.merged_weight is None or self.disable_adapters:
             return False
         if not torch.compiler.is_compiling() and transforms_active():
             return False  # torch.func may be differentiating the parameters it swapped in
         # The merged weight is detached: a trainable base weight needs the unmerged path too.
         needs_grad = any(p.requires_grad for p in (self.weight, *self._lora_parameters()))
-        if needs_grad and torch.is_grad_enabled():
-            return False
-        if not torch.compiler.is_compiling() and self._merge_is_stale():
-            # A parameter changed in place since the merge (an optimizer step taken in eval
-            # mode, a load, an init) or was replaced (another adapter's lora_B): refresh the
-            # merged weight rather than use a stale one.
-            return self._merge_or_warn()
-        return True
+        return not (needs_grad and torch.is_grad_enabled())
 
     def _merge_source(self) -> tuple:
         """What a merge is made from: per parameter a weak reference, its version, its data."""
@@ -305,7 +412,7 @@ class LoRALayer:
         """
         if not self._lora_active() or not any(p.requires_grad for p in self._lora_parameters()):
             return
-        if _reentrant_checkpoint_inputs_need_grad() is False:
+        if reentrant_checkpoint_inputs_need_grad() is False:
             raise RuntimeError(
                 f"{type(self).__name__} (r={self.r}) runs in training mode inside "
                 "torch.utils.checkpoint(use_reentrant=True) whose inputs do not require grad, "
@@ -436,10 +543,6 @@ class LoRALayer:
         super().reset_parameters()  # the torch parent's
         if getattr(self, "r", 0) > 0:  # the torch parent's __init__ calls this before LoRA exists
             self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """Re-initialise ``lora_A`` / ``lora_B`` (the update becomes zero) and unmerge."""
-        raise NotImplementedError
 
     def _apply(self, fn, recurse: bool = True):
         # to_empty() moves meta tensors to real memory without initialising it; LoRA

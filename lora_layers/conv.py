@@ -17,19 +17,18 @@ branch is a second convolution of the dropped-out input with ``delta_W``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import LoRALayer, check_wrappable
+from .base import LoRALayer, refuse_fan_in_fan_out
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d"]
 
 
 class _ConvLoRA(LoRALayer):
     """Shared LoRA logic for ``Conv1d``/``Conv2d``/``Conv3d`` (mixed into ``nn.ConvNd``)."""
-
-    _torch_conv: type[nn.Module]
 
     def __init__(
         self,
@@ -51,11 +50,8 @@ class _ConvLoRA(LoRALayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if fan_in_fan_out:
-            raise ValueError(
-                f"fan_in_fan_out=True makes no sense for {type(self).__name__}; drop the argument"
-            )
-        self._torch_conv.__init__(
+        refuse_fan_in_fan_out(fan_in_fan_out, type(self).__name__)
+        self.wraps.__init__(
             self,
             in_channels,
             out_channels,
@@ -72,72 +68,17 @@ class _ConvLoRA(LoRALayer):
         self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        if self.r == 0:
-            return
-        kw = {"device": device, "dtype": dtype}
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r, in_channels // groups * prod(kernel_size))``; ``lora_B``: ``(out, r)``."""
         fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
-        self.lora_A = nn.Parameter(torch.empty(self.r, fan_in, **kw))
-        self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r, **kw))
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """A kaiming-uniform (a=sqrt(5)) as torch initialises conv kernels; B zeros."""
-        if self.r == 0:
-            return
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        self.unmerge()
+        return (self.r, fan_in), (self.out_channels, self.r)
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Module,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-    ):
-        """Wrap an existing convolution, sharing (not copying) its ``weight`` and ``bias``.
-
-        Args:
-            module (nn.Conv1d | nn.Conv2d | nn.Conv3d): The layer to wrap (the matching
-                dimensionality). Works on meta-device layers.
-            r (int): Rank of the update.
-            lora_alpha (float): Scaling numerator.
-            lora_dropout (float): Dropout probability on the LoRA branch's input.
-            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
-            use_rslora (bool): Rank-stabilised scaling.
-            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default: weight's).
-
-        Returns:
-            The new layer, whose ``weight``/``bias`` are the module's own Parameters.
-
-        Raises:
-            TypeError: If ``module`` is not the matching ``nn.ConvNd`` or already has LoRA.
-        """
-        check_wrappable(module, cls._torch_conv)
-        with torch.device("meta"):
-            layer = cls(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                merge_weights=merge_weights,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-                use_rslora=use_rslora,
-            )
-        layer._adopt(module, lora_dtype)
-        return layer
+    def module_args(cls, module: nn.Module) -> dict[str, Any]:
+        """The sizes and settings of an ``nn.ConvNd``."""
+        names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+        names += ("groups", "padding_mode")
+        return {name: getattr(module, name) for name in names} | {"bias": module.bias is not None}
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * (B @ A).view(weight.shape)`` in fp32 (fp64 for fp64 layers)."""
@@ -146,6 +87,7 @@ class _ConvLoRA(LoRALayer):
         return delta.view(self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()
         if self._use_merged():
             return self._conv_forward(x, self.merged_weight, self.bias)
         if not self._lora_active():
@@ -170,7 +112,7 @@ class Conv1d(_ConvLoRA, nn.Conv1d):
     Args and Raises: see :class:`Conv2d`.
     """
 
-    _torch_conv = nn.Conv1d
+    wraps = nn.Conv1d
 
 
 class Conv2d(_ConvLoRA, nn.Conv2d):
@@ -200,7 +142,7 @@ class Conv2d(_ConvLoRA, nn.Conv2d):
         TypeError: If ``r`` or ``lora_alpha`` have the wrong type.
     """
 
-    _torch_conv = nn.Conv2d
+    wraps = nn.Conv2d
 
 
 class Conv3d(_ConvLoRA, nn.Conv3d):
@@ -211,4 +153,4 @@ class Conv3d(_ConvLoRA, nn.Conv3d):
     Args and Raises: see :class:`Conv2d`.
     """
 
-    _torch_conv = nn.Conv3d
+    wraps = nn.Conv3d

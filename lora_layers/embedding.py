@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoRALayer, check_wrappable
+from .base import LoRALayer, refuse_fan_in_fan_out
 
 __all__ = ["Embedding"]
 
@@ -66,11 +68,8 @@ class Embedding(LoRALayer, nn.Embedding):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if fan_in_fan_out:
-            raise ValueError(
-                "fan_in_fan_out=True makes no sense for Embedding (its table is already "
-                "(num_embeddings, embedding_dim)); drop the argument"
-            )
+        why = " (its table is already (num_embeddings, embedding_dim))"
+        refuse_fan_in_fan_out(fan_in_fan_out, "Embedding", why)
         nn.Embedding.__init__(
             self,
             num_embeddings,
@@ -86,13 +85,11 @@ class Embedding(LoRALayer, nn.Embedding):
         self._setup_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        if self.r == 0:
-            return
-        kw = {"device": device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.num_embeddings, **kw))
-        self.lora_B = nn.Parameter(torch.empty(self.embedding_dim, self.r, **kw))
-        self.reset_lora_parameters()
+    wraps = nn.Embedding
+
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r, num_embeddings)``; ``lora_B``: ``(embedding_dim, r)``."""
+        return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
 
     def reset_lora_parameters(self) -> None:
         """A zeros and B standard normal, as loralib: the update starts at exactly zero."""
@@ -103,48 +100,11 @@ class Embedding(LoRALayer, nn.Embedding):
         self.unmerge()
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Embedding,
-        r: int = 0,
-        lora_alpha: float = 1,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-    ) -> Embedding:
-        """Wrap an existing ``nn.Embedding``, sharing (not copying) its ``weight``.
-
-        Args:
-            module (nn.Embedding): The layer to wrap. Works on meta-device layers.
-            r (int): Rank of the update.
-            lora_alpha (float): Scaling numerator.
-            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
-            use_rslora (bool): Rank-stabilised scaling.
-            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default: weight's).
-
-        Returns:
-            Embedding: A new layer whose ``weight`` is the module's own Parameter.
-
-        Raises:
-            TypeError: If ``module`` is not an ``nn.Embedding`` or already has LoRA.
-        """
-        check_wrappable(module, nn.Embedding)
-        with torch.device("meta"):
-            layer = cls(
-                module.num_embeddings,
-                module.embedding_dim,
-                r=r,
-                lora_alpha=lora_alpha,
-                merge_weights=merge_weights,
-                padding_idx=module.padding_idx,
-                max_norm=module.max_norm,
-                norm_type=module.norm_type,
-                scale_grad_by_freq=module.scale_grad_by_freq,
-                sparse=module.sparse,
-                use_rslora=use_rslora,
-            )
-        layer._adopt(module, lora_dtype)
-        return layer
+    def module_args(cls, module: nn.Embedding) -> dict[str, Any]:
+        """The sizes and settings of an ``nn.Embedding``."""
+        names = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type")
+        names += ("scale_grad_by_freq", "sparse")
+        return {name: getattr(module, name) for name in names}
 
     @property
     def bias(self) -> None:
@@ -194,7 +154,7 @@ class Embedding(LoRALayer, nn.Embedding):
             super().merge()
 
     def _use_merged(self) -> bool:
-        return super()._use_merged() and self.max_norm is None  # super() runs its checks
+        return super()._use_merged() and self.max_norm is None
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.embedding(
@@ -208,6 +168,7 @@ class Embedding(LoRALayer, nn.Embedding):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()
         if self._use_merged():
             return self._embed(x, self.merged_weight)
         out = self._embed(x, self.weight)

@@ -10,38 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
-from .adapters import (
-    _LORA_LEAVES,
-    Adapter,
-    AdapterError,
-    LayerSpec,
-    _key,
-    _split_key,
-)
-from .surgery import qkv_split_sizes
+from .adapter_format import Adapter, AdapterError, LayerSpec
+from .config import SliceLayout
+from .keys import LORA_LEAVES, join_key, split_key
+from .layouts import PHI3_FUSED, phi3_split_sizes
 
 __all__ = ["PHI3_FUSED", "fuse_separate", "phi3_split_sizes", "split_fused"]
-
-# Phi-3's fused projections and the separate projections they stand for, in output order.
-PHI3_FUSED: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
-
-
-def phi3_split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Output slice sizes of Phi-3's fused projections, from a ``Phi3Config``.
-
-    Returns:
-        ``{"qkv_proj": (q, k, v), "gate_up_proj": (intermediate, intermediate)}`` where
-        ``q = num_attention_heads * head_dim`` and ``k = v = num_key_value_heads * head_dim``.
-    """
-    inter = config.intermediate_size
-    return {"qkv_proj": qkv_split_sizes(config), "gate_up_proj": (inter, inter)}
 
 
 def _lookup_sizes(
@@ -68,8 +45,69 @@ def _carry_base_weights(adapter: Adapter, converted: set[str], tensors: dict) ->
     if bad:
         raise AdapterError(f"{bad} carry a stored base weight; convert them by hand")
     for name in adapter.base_weights:
-        tensors[_key(name, "weight")] = adapter.tensors[_key(name, "weight")].clone()
+        tensors[join_key(name, "weight")] = adapter.tensors[join_key(name, "weight")].clone()
     return adapter.base_weights
+
+
+def _split_layout(
+    adapter: Adapter,
+    name: str,
+    spec: LayerSpec,
+    parts: tuple[str, ...],
+    given: tuple[int, ...] | None,
+) -> tuple[tuple[int, ...], tuple[bool, ...]] | str:
+    """``(sizes, enable)`` to split module ``name`` into ``parts``, or why it cannot be split."""
+    if spec.layer == "MergedLinear":
+        sizes, enable = spec.split_sizes, spec.enable_lora
+        if given is not None and given != sizes:
+            return f"{name}: split_sizes {given} differ from the adapter's {sizes}"
+    elif spec.layer == "Linear":
+        sizes, enable = given, (True,) * len(parts)
+        if sizes is None:
+            return (
+                f"{name}: a whole-matrix Linear adapter needs split_sizes "
+                f"(e.g. phi3_split_sizes(model.config)) to split into {parts}"
+            )
+    else:
+        return f"{name}: a {spec.layer} adapter cannot be split"
+    if len(sizes) != len(parts) or sum(sizes) != spec.out_features:
+        return f"{name}: sizes {sizes} do not split {spec.out_features} outputs into {parts}"
+    parent = split_key(name)[0]
+    clash = [join_key(parent, p) for p in parts if join_key(parent, p) in adapter.modules]
+    if clash:
+        return f"{name}: the adapter already has {clash}"
+    return tuple(sizes), tuple(enable)
+
+
+def _split_parts(
+    spec: LayerSpec,
+    parent: str,
+    parts: tuple[str, ...],
+    sizes: tuple[int, ...],
+    enable: tuple[bool, ...],
+    lora: tuple[torch.Tensor, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    modules: dict[str, LayerSpec],
+) -> None:
+    """Write one ``Linear`` adapter per enabled part into ``tensors`` / ``modules``."""
+    a, b = lora
+    enabled = [(part, size) for part, size, on in zip(parts, sizes, enable, strict=True) if on]
+    blocks = SliceLayout.of(sizes, enable).blocks(spec.r)
+    for (part, size), (_, a_rows, b_rows) in zip(enabled, blocks, strict=True):
+        pname = join_key(parent, part)
+        # A whole-matrix Linear adapter gives every part the shared A.
+        a_i = a[a_rows] if spec.layer == "MergedLinear" else a
+        tensors[join_key(pname, "lora_A")] = a_i.clone()
+        tensors[join_key(pname, "lora_B")] = b[b_rows].clone()
+        shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
+        modules[pname] = dataclasses.replace(
+            spec,
+            layer="Linear",
+            out_features=size,
+            weight_shape=shape,
+            enable_lora=None,
+            split_sizes=None,
+        )
 
 
 def split_fused(
@@ -110,76 +148,36 @@ def split_fused(
     split_done: dict[str, tuple[str, tuple[int, ...], tuple[str, ...]]] = {}
     problems = []
     for name, spec in adapter.modules.items():
-        parent, leaf = _split_key(name)
-        a, b = (adapter.tensors[_key(name, x)] for x in _LORA_LEAVES)
+        parent, leaf = split_key(name)
+        a, b = (adapter.tensors[join_key(name, x)] for x in LORA_LEAVES)
         if leaf not in fused:
             modules[name] = spec
-            tensors[_key(name, "lora_A")], tensors[_key(name, "lora_B")] = a.clone(), b.clone()
+            tensors[join_key(name, "lora_A")], tensors[join_key(name, "lora_B")] = (
+                a.clone(),
+                b.clone(),
+            )
             continue
         parts = tuple(fused[leaf])
-        given = _lookup_sizes(split_sizes, name, leaf)
-        if spec.layer == "MergedLinear":
-            sizes, enable = spec.split_sizes, spec.enable_lora
-            if given is not None and given != sizes:
-                problems.append(f"{name}: split_sizes {given} differ from the adapter's {sizes}")
-                continue
-        elif spec.layer == "Linear":
-            sizes, enable = given, (True,) * len(parts)
-            if sizes is None:
-                problems.append(
-                    f"{name}: a whole-matrix Linear adapter needs split_sizes "
-                    f"(e.g. phi3_split_sizes(model.config)) to split into {parts}"
-                )
-                continue
-        else:
-            problems.append(f"{name}: a {spec.layer} adapter cannot be split")
+        found = _split_layout(adapter, name, spec, parts, _lookup_sizes(split_sizes, name, leaf))
+        if isinstance(found, str):
+            problems.append(found)
             continue
-        assert sizes is not None and enable is not None
-        if len(sizes) != len(parts) or sum(sizes) != spec.out_features:
-            problems.append(
-                f"{name}: sizes {sizes} do not split {spec.out_features} outputs into {parts}"
-            )
-            continue
-        clash = [_key(parent, p) for p in parts if _key(parent, p) in adapter.modules]
-        if clash:
-            problems.append(f"{name}: the adapter already has {clash}")
-            continue
-        a_row = b_row = 0
-        for part, size, on in zip(parts, sizes, enable, strict=True):
-            if not on:
-                continue
-            pname = _key(parent, part)
-            if spec.layer == "MergedLinear":
-                a_i = a[a_row : a_row + spec.r]
-                a_row += spec.r
-            else:
-                a_i = a
-            tensors[_key(pname, "lora_A")] = a_i.clone()
-            tensors[_key(pname, "lora_B")] = b[b_row : b_row + size].clone()
-            b_row += size
-            shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
-            modules[pname] = dataclasses.replace(
-                spec,
-                layer="Linear",
-                out_features=size,
-                weight_shape=shape,
-                enable_lora=None,
-                split_sizes=None,
-            )
+        sizes, enable = found
+        _split_parts(spec, parent, parts, sizes, enable, (a, b), tensors, modules)
         split_done[name] = (parent, sizes, parts)
     if problems:
         raise AdapterError(problems, context="cannot split the fused adapters")
     biases = []
     for name in adapter.biases:
-        bias = adapter.tensors[_key(name, "bias")]
+        bias = adapter.tensors[join_key(name, "bias")]
         if name in split_done:
             parent, sizes, parts = split_done[name]
             for part, piece in zip(parts, bias.split(list(sizes)), strict=True):
-                biases.append(_key(parent, part))
-                tensors[_key(_key(parent, part), "bias")] = piece.clone()
+                biases.append(join_key(parent, part))
+                tensors[join_key(join_key(parent, part), "bias")] = piece.clone()
         else:
             biases.append(name)
-            tensors[_key(name, "bias")] = bias.clone()
+            tensors[join_key(name, "bias")] = bias.clone()
     return Adapter(
         tensors=tensors,
         modules=modules,
@@ -188,6 +186,47 @@ def split_fused(
         bias=adapter.bias,
         source=f"split_fused({adapter.source})",
     )
+
+
+_SHARED = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
+_SHARED += ("merge_weights", "in_features", "dtype")
+
+
+def _fuse_problems(
+    adapter: Adapter,
+    fname: str,
+    members: dict[int, str],
+    parts: tuple[str, ...],
+    sizes: tuple[int, ...] | None,
+) -> list[str]:
+    """Why the part adapters ``members`` (slice index -> name) cannot become ``fname``."""
+    specs = {i: adapter.modules[n] for i, n in members.items()}
+    first = specs[min(specs)]
+    bad = [f"{members[i]} is a {s.layer}" for i, s in specs.items() if s.layer != "Linear"]
+    bad += [
+        f"{members[i]} has {f}={getattr(s, f)!r}, {members[min(specs)]} has {getattr(first, f)!r}"
+        for i, s in specs.items()
+        for f in _SHARED
+        if getattr(s, f) != getattr(first, f)
+    ]
+    if sizes is None:
+        bad.append(
+            f"pass split_sizes for {split_key(fname)[1]!r}: not every part of {parts} has an adapter"
+        )
+    elif len(sizes) != len(parts):
+        bad.append(f"split_sizes {sizes} do not match the parts {parts}")
+    else:
+        bad += [
+            f"{members[i]} has {s.out_features} outputs, split_sizes say {sizes[i]}"
+            for i, s in specs.items()
+            if s.out_features != sizes[i]
+        ]
+    if fname in adapter.modules:
+        bad.append(f"the adapter already has {fname}")
+    with_bias = [n for n in members.values() if n in adapter.biases]
+    if with_bias and len(with_bias) != len(parts):
+        bad.append(f"only {with_bias} of {parts} have a stored bias")
+    return bad
 
 
 def fuse_separate(
@@ -220,59 +259,39 @@ def fuse_separate(
     owner = {part: (fl, i) for fl, parts in fused.items() for i, part in enumerate(parts)}
     groups: dict[str, dict[int, str]] = {}
     for name in adapter.modules:
-        parent, leaf = _split_key(name)
+        parent, leaf = split_key(name)
         if leaf in owner:
             fl, i = owner[leaf]
-            groups.setdefault(_key(parent, fl), {})[i] = name
+            groups.setdefault(join_key(parent, fl), {})[i] = name
     grouped = {n for members in groups.values() for n in members.values()}
     modules = {n: s for n, s in adapter.modules.items() if n not in grouped}
     tensors = {
-        _key(n, x): adapter.tensors[_key(n, x)].clone() for n in modules for x in _LORA_LEAVES
+        join_key(n, x): adapter.tensors[join_key(n, x)].clone()
+        for n in modules
+        for x in LORA_LEAVES
     }
     problems = []
-    shared = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
-    shared += ("merge_weights", "in_features", "dtype")
     fused_bias: dict[str, list[str]] = {}
     for fname, members in groups.items():
-        fl = _split_key(fname)[1]
+        fl = split_key(fname)[1]
         parts = tuple(fused[fl])
         specs = {i: adapter.modules[n] for i, n in members.items()}
         first = specs[min(specs)]
-        bad = [f"{members[i]} is a {s.layer}" for i, s in specs.items() if s.layer != "Linear"]
-        bad += [
-            f"{members[i]} has {f}={getattr(s, f)!r}, {members[min(specs)]} has {getattr(first, f)!r}"
-            for i, s in specs.items()
-            for f in shared
-            if getattr(s, f) != getattr(first, f)
-        ]
         sizes = _lookup_sizes(split_sizes, fname, fl)
         if sizes is None and len(specs) == len(parts):
             sizes = tuple(specs[i].out_features for i in range(len(parts)))
-        if sizes is None:
-            bad.append(f"pass split_sizes for {fl!r}: not every part of {parts} has an adapter")
-        elif len(sizes) != len(parts):
-            bad.append(f"split_sizes {sizes} do not match the parts {parts}")
-        else:
-            bad += [
-                f"{members[i]} has {s.out_features} outputs, split_sizes say {sizes[i]}"
-                for i, s in specs.items()
-                if s.out_features != sizes[i]
-            ]
-        if fname in adapter.modules:
-            bad.append(f"the adapter already has {fname}")
+        bad = _fuse_problems(adapter, fname, members, parts, sizes)
         with_bias = [n for n in members.values() if n in adapter.biases]
-        if with_bias and len(with_bias) != len(parts):
-            bad.append(f"only {with_bias} of {parts} have a stored bias")
         if bad:
             problems += [f"{fname}: {p}" for p in bad]
             continue
         assert sizes is not None
         order = sorted(members)
-        tensors[_key(fname, "lora_A")] = torch.cat(
-            [adapter.tensors[_key(members[i], "lora_A")] for i in order]
+        tensors[join_key(fname, "lora_A")] = torch.cat(
+            [adapter.tensors[join_key(members[i], "lora_A")] for i in order]
         )
-        tensors[_key(fname, "lora_B")] = torch.cat(
-            [adapter.tensors[_key(members[i], "lora_B")] for i in order]
+        tensors[join_key(fname, "lora_B")] = torch.cat(
+            [adapter.tensors[join_key(members[i], "lora_B")] for i in order]
         )
         out_f = sum(sizes)
         in_f = first.in_features
@@ -292,11 +311,11 @@ def fuse_separate(
     for name in adapter.biases:
         if name not in grouped:
             biases.append(name)
-            tensors[_key(name, "bias")] = adapter.tensors[_key(name, "bias")].clone()
+            tensors[join_key(name, "bias")] = adapter.tensors[join_key(name, "bias")].clone()
     for fname, members in fused_bias.items():
         biases.append(fname)
-        tensors[_key(fname, "bias")] = torch.cat(
-            [adapter.tensors[_key(n, "bias")] for n in members]
+        tensors[join_key(fname, "bias")] = torch.cat(
+            [adapter.tensors[join_key(n, "bias")] for n in members]
         )
     return Adapter(
         tensors=tensors,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoRALayer, check_wrappable
+from .base import LoRALayer
 from .functional import lora_linear
 
 __all__ = ["Linear"]
@@ -69,13 +70,11 @@ class Linear(LoRALayer, nn.Linear):
     def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
         return ((0, self.out_features),)
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        if self.r == 0:
-            return
-        kw = {"device": device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **kw))
-        self.reset_lora_parameters()
+    wraps = nn.Linear
+
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r, in_features)``; ``lora_B``: ``(out_features, r)``."""
+        return (self.r, self.in_features), (self.out_features, self.r)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``weight``/``bias`` as ``nn.Linear`` does and ``lora_A``/``lora_B``.
@@ -95,57 +94,27 @@ class Linear(LoRALayer, nn.Linear):
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        """A kaiming-uniform (a=sqrt(5)) as ``nn.Linear`` initialises weights; B zeros."""
-        if self.r == 0:
-            return
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        self.unmerge()
-
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Linear,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-    ) -> Linear:
-        """Wrap an existing ``nn.Linear``, sharing (not copying) its ``weight`` and ``bias``.
+    def module_args(cls, module: nn.Linear) -> dict[str, Any]:
+        """``in_features``, ``out_features`` and ``bias`` of an ``nn.Linear``."""
+        return {
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
 
-        Args:
-            module (nn.Linear): The layer to wrap. Works on meta-device layers.
-            r (int): Rank of the update.
-            lora_alpha (float): Scaling numerator.
-            lora_dropout (float): Dropout probability on the LoRA branch's input.
-            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
-            use_rslora (bool): Rank-stabilised scaling.
-            lora_dtype (torch.dtype | None): Dtype of ``lora_A``/``lora_B`` (default: the
-                weight's), e.g. ``torch.float32`` on a bf16 base.
-
-        Returns:
-            Linear: A new layer whose ``weight``/``bias`` are the module's own Parameters.
-
-        Raises:
-            TypeError: If ``module`` is not an ``nn.Linear`` or is already a LoRA layer.
-        """
-        check_wrappable(module, nn.Linear)
+    def plain_module(self) -> nn.Module:
+        """As :meth:`LoRALayer.plain_module`; transformers' ``Conv1D`` with ``fan_in_fan_out``."""
+        if not self.fan_in_fan_out:
+            return super().plain_module()
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError as err:  # pragma: no cover - transformers is installed
+            raise TypeError("unloading a fan_in_fan_out Linear needs transformers' Conv1D") from err
         with torch.device("meta"):
-            layer = cls(
-                module.in_features,
-                module.out_features,
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                merge_weights=merge_weights,
-                bias=module.bias is not None,
-                use_rslora=use_rslora,
-            )
-        layer._adopt(module, lora_dtype)
-        return layer
+            plain = Conv1D(self.out_features, self.in_features)
+        plain._parameters.update(weight=None, bias=None)
+        return plain
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
@@ -158,6 +127,7 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare_forward()
         if self._use_merged():
             weight = self.merged_weight
         elif self._lora_active():

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from .base import check_wrappable
+from .config import SliceLayout, check_slices
 from .linear import Linear
 
 __all__ = ["MergedLinear"]
-
-
-def _check_slices(
-    out_features: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None
-) -> tuple[tuple[bool, ...], tuple[int, ...]]:
-    """Validate ``enable_lora`` / ``split_sizes`` and return them as tuples."""
-    if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence):
-        raise TypeError(f"enable_lora must be a sequence of bools, got {enable_lora!r}")
-    if len(enable_lora) == 0:
-        raise ValueError("enable_lora must name at least one slice, got an empty sequence")
-    enable = tuple(bool(e) for e in enable_lora)
-    n = len(enable)
-    if split_sizes is None:
-        if out_features % n != 0:
-            raise ValueError(
-                f"len(enable_lora)={n} does not divide out_features={out_features}; "
-                "pass split_sizes for unequal slices"
-            )
-        return enable, (out_features // n,) * n
-    sizes = tuple(split_sizes)
-    if len(sizes) != n:
-        raise ValueError(
-            f"split_sizes={sizes} has {len(sizes)} entries but enable_lora={enable} has {n}"
-        )
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s <= 0:
-            raise ValueError(f"split_sizes must be positive ints, got split_sizes={sizes}")
-    if sum(sizes) != out_features:
-        raise ValueError(
-            f"split_sizes={sizes} sum to {sum(sizes)}, but out_features={out_features}"
-        )
-    return enable, tuple(int(s) for s in sizes)
 
 
 class MergedLinear(Linear):
@@ -105,7 +70,8 @@ class MergedLinear(Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.enable_lora, self.split_sizes = _check_slices(out_features, enable_lora, split_sizes)
+        self.enable_lora, self.split_sizes = check_slices(out_features, enable_lora, split_sizes)
+        self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
         # No enabled slice means no LoRA at all (r is still validated first).
         super().__init__(
             in_features,
@@ -122,79 +88,12 @@ class MergedLinear(Linear):
         )
 
     def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
-        bounds = [0]
-        for size in self.split_sizes:
-            bounds.append(bounds[-1] + size)
-        return tuple((bounds[i], bounds[i + 1]) for i, on in enumerate(self.enable_lora) if on)
+        return self.slice_layout.out_slices
 
-    def _init_lora_parameters(self, device: torch.device, dtype: torch.dtype) -> None:
-        if self.r == 0:
-            return
-        kw = {"device": device, "dtype": dtype}
-        n_enabled = len(self._slices)
-        b_rows = sum(stop - start for start, stop in self._slices)
-        self.lora_A = nn.Parameter(torch.empty(self.r * n_enabled, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(b_rows, self.r, **kw))
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """Each slice's A block kaiming-uniform (a=sqrt(5)), as its own ``nn.Linear``; B zeros."""
-        if self.r == 0:
-            return
-        for a_i in self.lora_A.data.split(self.r):
-            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        self.unmerge()
-
-    @classmethod
-    def from_module(
-        cls,
-        module: nn.Linear,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        enable_lora: Sequence[bool] = (False,),
-        split_sizes: Sequence[int] | None = None,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        lora_dtype: torch.dtype | None = None,
-    ) -> MergedLinear:
-        """Wrap a fused ``nn.Linear``, sharing (not copying) its ``weight`` and ``bias``.
-
-        Args:
-            module (nn.Linear): The fused projection to wrap. Works on meta-device layers.
-            r (int): Rank of each enabled slice's update.
-            lora_alpha (float): Scaling numerator.
-            lora_dropout (float): Dropout probability on the LoRA branch's input.
-            enable_lora (Sequence[bool]): Which slices get LoRA.
-            split_sizes (Sequence[int] | None): Slice sizes (default: equal).
-            merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
-            use_rslora (bool): Rank-stabilised scaling.
-            lora_dtype (torch.dtype | None): Dtype of the LoRA parameters (default: weight's).
-
-        Returns:
-            MergedLinear: A new layer whose ``weight``/``bias`` are the module's Parameters.
-
-        Raises:
-            TypeError: If ``module`` is not an ``nn.Linear`` or already has LoRA.
-            ValueError: For invalid slices or LoRA hyper-parameters.
-        """
-        check_wrappable(module, nn.Linear)
-        with torch.device("meta"):
-            layer = cls(
-                module.in_features,
-                module.out_features,
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                enable_lora=enable_lora,
-                merge_weights=merge_weights,
-                split_sizes=split_sizes,
-                bias=module.bias is not None,
-                use_rslora=use_rslora,
-            )
-        layer._adopt(module, lora_dtype)
-        return layer
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r * n_enabled, in)``; ``lora_B``: ``(enabled rows, r)``."""
+        n_enabled = len(self.slice_layout.out_slices)
+        return (self.r * n_enabled, self.in_features), (self.slice_layout.b_rows, self.r)
 
     def delta_weight(self) -> torch.Tensor:
         """Per-slice ``scaling * B_i @ A_i`` placed in its rows, zeros elsewhere.
@@ -207,12 +106,10 @@ class MergedLinear(Linear):
         delta = torch.zeros(
             self.out_features, self.in_features, dtype=dtype, device=self.weight.device
         )
-        b_row = 0
-        for i, (start, stop) in enumerate(self._slices):
-            a_i = self.lora_A[i * self.r : (i + 1) * self.r].to(dtype)  # (r, in)
-            b_i = self.lora_B[b_row : b_row + stop - start].to(dtype)  # (size_i, r)
-            delta[start:stop] = self.scaling * (b_i @ a_i)
-            b_row += stop - start
+        for out, a_rows, b_rows in self.slice_layout.blocks(self.r):
+            a_i = self.lora_A[a_rows].to(dtype)  # (r, in)
+            b_i = self.lora_B[b_rows].to(dtype)  # (size_i, r)
+            delta[out] = self.scaling * (b_i @ a_i)
         return delta.t() if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:

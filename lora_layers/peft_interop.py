@@ -1,4 +1,4 @@
-"""PEFT interop: export lora_layers adapters in PEFT's format, and import PEFT's adapters.
+"""PEFT interop: import PEFT's adapters (and, from :mod:`lora_layers.peft_export`, export).
 
 :func:`export_peft` writes ``adapter_model.safetensors`` and ``adapter_config.json`` that
 ``peft.PeftModel.from_pretrained`` loads with identical outputs; per-slice fused adapters
@@ -14,243 +14,40 @@ import math
 import numbers
 import os
 import re
-import warnings
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import (
-    _CONV_DIMS,
-    PEFT_CONFIG_NAME,
-    PEFT_PICKLE_WEIGHTS_NAME,
-    PEFT_WEIGHTS_NAME,
+from .adapter_format import (
     Adapter,
     AdapterError,
     LayerSpec,
-    LoadReport,
-    _atomic_write,
-    _dtype_name,
-    _full_tensor,
-    _key,
-    _layer_type,
-    _load_pickle,
-    _module_aliases,
-    _module_index,
-    _normalize_name,
-    _normalized_tensors,
-    _read_safetensors,
-    _refuse,
-    _save_tensors,
-    _shape,
-    _split_key,
-    load_lora,
+    dtype_name,
+    shape_of,
 )
+from .adapter_io import (
+    PEFT_CONFIG_NAME,
+    PEFT_PICKLE_WEIGHTS_NAME,
+    PEFT_WEIGHTS_NAME,
+    load_pickle,
+    read_safetensors,
+)
+from .keys import (
+    join_key,
+    module_aliases,
+    module_index,
+    normalized_tensors,
+    split_key,
+)
+from .kinds import CONV_DIMS, is_hf_conv1d
 from .linear import Linear
-from .surgery import _is_hf_conv1d
-from .utils import BIAS_MODES, lora_modules, lora_state_dict
+from .loading import LoadReport, load_lora, refuse_load
+from .peft_export import export_peft, peft_pattern_key
 
 __all__ = ["export_peft", "import_peft", "read_peft"]
-
-
-def _peft_pattern_key(patterns: Iterable[str], name: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern matching ``name`` as a dotted suffix."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return pattern
-    return None
-
-
-def _peft_exact(name: str) -> str:
-    """A readable PEFT pattern for ``name``: dots stay unescaped, other specials are escaped.
-
-    ``export_peft`` checks every module resolves to its own entry and otherwise falls back to
-    fully escaped patterns.
-    """
-    return re.escape(name) if re.search(r"[^A-Za-z0-9_.]", name) else name
-
-
-def _peft_resolves(pattern: Mapping[str, Any], values: Mapping[str, Any], default: Any) -> bool:
-    return all(pattern.get(_peft_pattern_key(pattern, n), default) == v for n, v in values.items())
-
-
-def _peft_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
-    """The most readable ``rank_pattern`` / ``alpha_pattern`` giving every module its value.
-
-    Tries leaf names (``{"o_proj": 4}``) where all modules with that leaf agree, then full
-    module names, then every module escaped and longest first; each attempt is checked with
-    PEFT's own matching rule, so the result is exact.
-    """
-    by_leaf: dict[str, set] = {}
-    for name, value in values.items():
-        by_leaf.setdefault(_split_key(name)[1], set()).add(value)
-    full = {_peft_exact(n): v for n, v in values.items() if v != default}
-    mixed = {
-        _peft_exact(n): v
-        for n, v in values.items()
-        if len(by_leaf[_split_key(n)[1]]) > 1 and v != default
-    }
-    leaves = {
-        leaf: next(iter(vs))
-        for leaf, vs in sorted(by_leaf.items())
-        if len(vs) == 1 and next(iter(vs)) != default
-    }
-    for attempt in ({**mixed, **leaves}, full):
-        if _peft_resolves(attempt, values, default):
-            return attempt
-    order = sorted(values, key=len, reverse=True)
-    return {re.escape(n): values[n] for n in order}
-
-
-def export_peft(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    base_model_name_or_path: str | None = None,
-    bias: str = "none",
-) -> dict[str, Any]:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT loads exactly.
-
-    Every LoRA layer becomes one PEFT LoRA with the same update. A ``MergedLinear`` with
-    ``n`` enabled slices of rank ``r`` becomes one rank ``n*r`` LoRA on the whole fused matrix
-    (``lora_A`` is already the stack of the slices' A; ``lora_B`` places each slice's B in its
-    rows and its own ``r`` columns, zeros elsewhere) with alpha ``alpha*n`` (``alpha*sqrt(n)``
-    with rsLoRA), so the scaling is unchanged. Ranks and alphas that differ from the most
-    common ones go into ``rank_pattern`` / ``alpha_pattern``. PEFT has one ``lora_dropout``
-    for all layers: the most common one is written, with a warning when they differ (dropout
-    only affects training).
-
-    Args:
-        model: A model with lora_layers layers.
-        directory: Output directory (created if needed).
-        base_model_name_or_path: Stored in the config, for PEFT's ``from_pretrained`` niceties.
-        bias: ``"none"``, ``"all"`` or ``"lora_only"``: which biases to write, as
-            :func:`lora_state_dict` and PEFT's ``bias`` option (PEFT loads them too).
-
-    Returns:
-        The config dict written to ``adapter_config.json``.
-
-    Raises:
-        AdapterError: For layers PEFT cannot represent exactly (convolutions with groups,
-            dilation or non-zero padding modes) or a model without LoRA layers.
-    """
-    if bias not in BIAS_MODES:
-        raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={bias!r}")
-    entries = []  # (name, layer, PEFT rank, number of fused slices, {key: tensor})
-    problems = []
-    index, _ = _module_index(model)
-    for raw, layer in lora_modules(model):
-        name = _normalize_name(raw)
-        kind = _layer_type(layer)
-        a, b = _full_tensor(layer.lora_A.detach()), _full_tensor(layer.lora_B.detach())
-        n_slices = 1
-        if kind == "MergedLinear":
-            slices = layer._slices
-            n_slices = len(slices)
-            r = layer.r
-            b_full = b.new_zeros(layer.out_features, r * n_slices)
-            row = 0
-            for i, (start, stop) in enumerate(slices):
-                b_full[start:stop, i * r : (i + 1) * r] = b[row : row + stop - start]
-                row += stop - start
-            b = b_full
-        elif kind in _CONV_DIMS:
-            if layer.groups != 1 or any(d != 1 for d in layer.dilation):
-                problems.append(
-                    f"{name}: PEFT's conv LoRA has no groups/dilation; "
-                    f"groups={layer.groups}, dilation={layer.dilation} cannot be exported exactly"
-                )
-            if layer.padding_mode != "zeros":
-                problems.append(f"{name}: padding_mode={layer.padding_mode!r} (PEFT uses zeros)")
-            a = a.reshape(layer.r, *layer.weight.shape[1:])
-            b = b.reshape(layer.out_channels, layer.r, *([1] * _CONV_DIMS[kind]))
-        prefix = f"base_model.model.{name}"
-        if kind == "Embedding":
-            tensors = {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
-        else:
-            tensors = {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
-        rank = layer.r * n_slices
-        entries.append((name, layer, rank, n_slices, tensors))
-    if not entries:
-        raise AdapterError("the model has no LoRA layer with r > 0; nothing to export")
-    if problems:
-        raise AdapterError(problems, context="cannot export to PEFT")
-
-    use_rslora = all(layer.use_rslora for _, layer, *_ in entries)
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    for name, layer, rank, n_slices, _ in entries:
-        ranks[name] = rank
-        if layer.use_rslora == use_rslora:
-            # alpha/r == (alpha*n)/(r*n) and alpha/sqrt(r) == (alpha*sqrt(n))/sqrt(r*n)
-            factor = (math.sqrt(n_slices) if use_rslora else n_slices) if n_slices > 1 else 1
-            alphas[name] = layer.lora_alpha * factor
-        else:  # mixed scaling modes: express this layer's scaling under the global mode
-            alphas[name] = layer.scaling * (math.sqrt(rank) if use_rslora else rank)
-    r_default = Counter(ranks.values()).most_common(1)[0][0]
-    alpha_default = Counter(alphas.values()).most_common(1)[0][0]
-    rank_pattern = _peft_patterns(ranks, r_default)
-    alpha_pattern = _peft_patterns(alphas, alpha_default)
-
-    # target_modules: readable leaf names when they select exactly our modules, else a regex.
-    targets = set(ranks)
-    lora_children = {n for n in index for t in targets if n.startswith(t + ".") or (not t and n)}
-    candidates = [n for n in index if n and n not in lora_children]
-    leaves = sorted({_split_key(n)[1] for n in targets})
-    selected = {n for n in candidates if any(n == lf or n.endswith("." + lf) for lf in leaves)}
-    target_modules: list[str] | str
-    if selected == targets:
-        target_modules = leaves
-    else:
-        target_modules = "|".join(re.escape(n) for n in sorted(targets))
-
-    dropouts = Counter(layer.dropout_p for _, layer, *_ in entries)
-    if len(dropouts) > 1:
-        warnings.warn(
-            f"PEFT has one lora_dropout; the layers use {sorted(dropouts)} and "
-            f"{dropouts.most_common(1)[0][0]} is written (inference is unaffected)",
-            stacklevel=2,
-        )
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r_default,
-        "lora_alpha": alpha_default,
-        "lora_dropout": dropouts.most_common(1)[0][0],
-        "target_modules": target_modules,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": use_rslora,
-        "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer, *_ in entries),
-        "bias": bias,
-        "use_dora": False,
-        "lora_bias": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-        "revision": None,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for *_, t in entries for k, v in t.items()}
-    for key, value in lora_state_dict(model, bias=bias).items():
-        name, leaf = _split_key(key)
-        if leaf == "bias":  # PEFT wraps LoRA layers: their bias is ``base_layer.bias``
-            name = _normalize_name(name)
-            where = f"{name}.base_layer" if name in targets else name
-            tensors[f"base_model.model.{where}.bias"] = value.detach()
-    _save_tensors(tensors, directory / PEFT_WEIGHTS_NAME, {"format": "pt"})
-    # Top-level keys sorted; rank_pattern / alpha_pattern keep their order, which is the order
-    # they were checked in: PEFT uses the first matching key in file order.
-    text = json.dumps({k: config[k] for k in sorted(config)}, indent=2) + "\n"
-    _atomic_write(directory / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    return config
 
 
 _PEFT_UNSUPPORTED = (
@@ -351,13 +148,136 @@ def _read_peft_config(directory: Path) -> dict[str, Any]:
 
 def _read_peft_weights(directory: Path, allow_pickle: bool) -> dict[str, Any]:
     if (directory / PEFT_WEIGHTS_NAME).exists():
-        return _read_safetensors(directory / PEFT_WEIGHTS_NAME)[0]
+        return read_safetensors(directory / PEFT_WEIGHTS_NAME)[0]
     if (directory / PEFT_PICKLE_WEIGHTS_NAME).exists():
-        return _load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
+        return load_pickle(directory / PEFT_PICKLE_WEIGHTS_NAME, allow_pickle)
     raise AdapterError(
         f"no weights: neither {PEFT_WEIGHTS_NAME} nor {PEFT_PICKLE_WEIGHTS_NAME} is in "
         f"{str(directory)!r}"
     )
+
+
+_PEFT_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_embedding_A": "EA",
+    ".lora_embedding_B": "EB",
+}
+
+
+def _group_peft_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list, list]:
+    """``(module -> {slot: tensor}, other tensors by our key, bias names, base weight names)``."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    biases, base_weights = [], []
+    for key, t in tensors.items():
+        suffix = next((s for s in _PEFT_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            found.setdefault(key[: -len(suffix)], {})[_PEFT_SUFFIXES[suffix]] = t
+        elif key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' weights
+            name = key.removesuffix(".base_layer.weight")
+            base_weights.append(name)
+            out[join_key(name, "weight")] = t
+        else:
+            key = (
+                key.replace(".base_layer.bias", ".bias")
+                if key.endswith(".base_layer.bias")
+                else key
+            )
+            if split_key(key)[1] == "bias":
+                biases.append(split_key(key)[0])
+            out[key] = t  # biases load as-is; anything else is reported as unexpected
+    return found, out, biases, base_weights
+
+
+def _linear_fan_in_fan_out(existing: nn.Module | None, default: bool) -> bool:
+    if isinstance(existing, Linear):
+        return existing.fan_in_fan_out
+    if is_hf_conv1d(existing):
+        return True  # PEFT always uses fan_in_fan_out for transformers' Conv1D
+    return default if existing is not None and not isinstance(existing, nn.Linear) else False
+
+
+def _pads_otherwise(existing: nn.Module | None, spec: LayerSpec) -> bool:
+    """Whether a conv adapter targets a model conv that does not pad with zeros as PEFT's."""
+    return spec.layer in CONV_DIMS and getattr(existing, "padding_mode", "zeros") != "zeros"
+
+
+def _peft_layer(
+    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], existing: nn.Module | None
+) -> tuple[LayerSpec | None, torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """``(spec, lora_A, lora_B, problems)`` of one PEFT module (spec None: not loadable)."""
+    emb = "EA" in parts or "EB" in parts
+    a, b = (parts.get("EA"), parts.get("EB")) if emb else (parts.get("A"), parts.get("B"))
+    if a is None or b is None or (emb and ("A" in parts or "B" in parts)):
+        return (
+            None,
+            None,
+            None,
+            [f"{name}: expected one lora_A and one lora_B, got {sorted(parts)}"],
+        )
+    r, problems = int(a.shape[0]), []
+    rank_pattern, alpha_pattern = (
+        config.get("rank_pattern") or {},
+        config.get("alpha_pattern") or {},
+    )
+    rank_key = peft_pattern_key(rank_pattern, name)
+    expected_r = rank_pattern.get(rank_key, config.get("r", 8))
+    if r != expected_r:
+        field = "r" if rank_key is None else f"rank_pattern[{rank_key!r}]"
+        problems.append(
+            f"{name}: lora_A has rank {r} but {PEFT_CONFIG_NAME} says {field}={expected_r}"
+        )
+    fif = False
+    in_f, out_f = int(a.shape[1]), int(b.shape[0])
+    if emb:
+        kind, weight_shape = "Embedding", (in_f, out_f)
+    elif a.dim() == 2:
+        kind, fif = (
+            "Linear",
+            _linear_fan_in_fan_out(existing, bool(config.get("fan_in_fan_out", False))),
+        )
+        weight_shape = (in_f, out_f) if fif else (out_f, in_f)
+    elif a.dim() in (3, 4, 5):
+        kind, weight_shape = f"Conv{a.dim() - 2}d", (out_f, *(int(s) for s in a.shape[1:]))
+        if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]) or b.shape[1] != r:
+            return (
+                None,
+                a,
+                b,
+                [*problems, f"{name}: lora_B {shape_of(b)} is not a 1x1 conv of rank {r}"],
+            )
+        a, b = a.reshape(r, -1), b.reshape(out_f, r)
+        padding_mode = getattr(existing, "padding_mode", "zeros")
+        if padding_mode != "zeros":
+            problems.append(
+                f"{name}: the model's {type(existing).__name__} has "
+                f"padding_mode={padding_mode!r}, but PEFT's conv LoRA pads with zeros, so "
+                "this adapter cannot reproduce PEFT's outputs (export_peft refuses it too)"
+            )
+    else:
+        return (
+            None,
+            a,
+            b,
+            [*problems, f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has"],
+        )
+    spec = LayerSpec(
+        layer=kind,
+        r=r,
+        lora_alpha=alpha_pattern.get(
+            peft_pattern_key(alpha_pattern, name), config.get("lora_alpha", 8)
+        ),
+        in_features=in_f,
+        out_features=out_f,
+        weight_shape=weight_shape,
+        dtype=dtype_name(a.dtype),
+        use_rslora=bool(config.get("use_rslora", False)),
+        lora_dropout=0.0 if emb else float(config.get("lora_dropout", 0.0)),
+        fan_in_fan_out=fif,
+        merge_weights=False,  # as inject_lora: eval() does not merge; use merge_lora()
+    )
+    return spec, a, b, problems
 
 
 def read_peft(
@@ -382,118 +302,30 @@ def read_peft(
     directory = Path(directory)
     config = _read_peft_config(directory)
     raw = _read_peft_weights(directory, allow_pickle)
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout", 0.0))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     index, aliases = {}, {}
     if model is not None:
-        index = _module_index(model)[0]
-        aliases = _module_aliases(model, index)[0]
-
-    tensors, problems = _normalized_tensors(raw)
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    out: dict[str, torch.Tensor] = {}
-    biases, base_weights = [], []
-    invalid: set[str] = set()
-    suffixes = {
-        ".lora_A.weight": "A",
-        ".lora_B.weight": "B",
-        ".lora_embedding_A": "EA",
-        ".lora_embedding_B": "EB",
-    }
-    for key, t in tensors.items():
-        for suffix, slot in suffixes.items():
-            if key.endswith(suffix):
-                found.setdefault(key[: -len(suffix)], {})[slot] = t
-                break
-        else:
-            if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' weights
-                name = key.removesuffix(".base_layer.weight")
-                base_weights.append(name)
-                out[_key(name, "weight")] = t
-                continue
-            key = (
-                key.replace(".base_layer.bias", ".bias")
-                if key.endswith(".base_layer.bias")
-                else key
-            )
-            if _split_key(key)[1] == "bias":
-                biases.append(_split_key(key)[0])
-            out[key] = t  # biases load as-is; anything else is reported as unexpected
+        index = module_index(model)[0]
+        aliases = module_aliases(model, index)[0]
+    tensors, problems = normalized_tensors(raw)
+    found, out, biases, base_weights = _group_peft_tensors(tensors)
     modules: dict[str, LayerSpec] = {}
+    invalid: set[str] = set()
     for name, parts in found.items():
-        emb = "EA" in parts or "EB" in parts
-        a, b = (parts.get("EA"), parts.get("EB")) if emb else (parts.get("A"), parts.get("B"))
-        if a is None or b is None or (emb and ("A" in parts or "B" in parts)):
-            problems.append(f"{name}: expected one lora_A and one lora_B, got {sorted(parts)}")
-            for slot, t in parts.items():
-                out[f"{name}.{slot}"] = t
-            continue
-        r = int(a.shape[0])
-        rank_key = _peft_pattern_key(rank_pattern, name)
-        expected_r = rank_pattern.get(rank_key, r_default)
-        alpha = alpha_pattern.get(_peft_pattern_key(alpha_pattern, name), alpha_default)
-        if r != expected_r:
-            field = "r" if rank_key is None else f"rank_pattern[{rank_key!r}]"
-            problems.append(
-                f"{name}: lora_A has rank {r} but {PEFT_CONFIG_NAME} says {field}={expected_r}"
-            )
         existing = index.get(aliases.get(name, name), ("", None))[1]
-        fif = False
-        if emb:
-            kind, in_f, out_f = "Embedding", int(a.shape[1]), int(b.shape[0])
-            weight_shape: tuple[int, ...] = (in_f, out_f)
-        elif a.dim() == 2:
-            kind, in_f, out_f = "Linear", int(a.shape[1]), int(b.shape[0])
-            if isinstance(existing, Linear):
-                fif = existing.fan_in_fan_out
-            elif _is_hf_conv1d(existing):
-                fif = True  # PEFT always uses fan_in_fan_out for transformers' Conv1D
-            elif existing is not None and not isinstance(existing, nn.Linear):
-                fif = fan_in_fan_out
-            weight_shape = (in_f, out_f) if fif else (out_f, in_f)
-        elif a.dim() in (3, 4, 5):
-            kind, in_f, out_f = f"Conv{a.dim() - 2}d", int(a.shape[1]), int(b.shape[0])
-            weight_shape = (out_f, *(int(s) for s in a.shape[1:]))
-            if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]) or b.shape[1] != r:
-                problems.append(f"{name}: lora_B {_shape(b)} is not a 1x1 conv of rank {r}")
-                continue
-            a, b = a.reshape(r, -1), b.reshape(out_f, r)
-            padding_mode = getattr(existing, "padding_mode", "zeros")
-            if padding_mode != "zeros":
-                problems.append(
-                    f"{name}: the model's {type(existing).__name__} has "
-                    f"padding_mode={padding_mode!r}, but PEFT's conv LoRA pads with zeros, so "
-                    "this adapter cannot reproduce PEFT's outputs (export_peft refuses it too)"
-                )
-                invalid.add(name)
-        else:
-            problems.append(f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has")
+        spec, a, b, bad = _peft_layer(name, parts, config, existing)
+        problems += bad
+        if spec is None:
+            if a is None:  # not a LoRA pair: keep the tensors, reported as unexpected
+                out.update({f"{name}.{slot}": t for slot, t in parts.items()})
             continue
-        spec = LayerSpec(
-            layer=kind,
-            r=r,
-            lora_alpha=alpha,
-            in_features=in_f,
-            out_features=out_f,
-            weight_shape=weight_shape,
-            dtype=_dtype_name(a.dtype),
-            use_rslora=use_rslora,
-            lora_dropout=0.0 if emb else dropout,
-            fan_in_fan_out=fif,
-            merge_weights=False,  # as inject_lora: eval() does not merge; use merge_lora()
-        )
-        bad = spec.problems()
-        problems += [f"{name}: {p}" for p in bad]
-        if bad:
+        bad_spec = [f"{name}: {p}" for p in spec.problems()]
+        problems += bad_spec
+        if bad_spec or _pads_otherwise(existing, spec):
             invalid.add(name)
-        if name not in invalid:
+        else:
             modules[name] = spec
-        out[_key(name, "lora_A")] = a
-        out[_key(name, "lora_B")] = b
+        out[join_key(name, "lora_A")] = a
+        out[join_key(name, "lora_B")] = b
     return Adapter(
         tensors=out,
         modules=modules,
@@ -545,5 +377,5 @@ def import_peft(
     except AdapterError as exc:
         pickle_refused = not allow_pickle and not (directory / PEFT_WEIGHTS_NAME).exists()
         pickle_refused &= (directory / PEFT_PICKLE_WEIGHTS_NAME).exists()
-        return _refuse(str(directory), exc.problems, strict or pickle_refused, exc)
+        return refuse_load(str(directory), exc.problems, strict or pickle_refused, exc)
     return load_lora(model, adapter, strict=strict, inject=inject)

@@ -23,18 +23,15 @@ plus one :func:`register_quantized_linear` call; ``docs/qlora.md`` shows how.
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from .base import LoRALayer, check_lora_args
-from .functional import pack_bits, unpack_bits
-from .merged import _check_slices
+from .config import SliceLayout, check_slices
+from .quantized_function import QuantizedLoRAFunction, keep_mask
 
 __all__ = [
     "QUANTIZATION_PACKAGES",
@@ -76,122 +73,6 @@ QUANTIZATION_PACKAGES = frozenset(
 
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-# --------------------------------------------------------------------------- autograd
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's keep-mask: each element True with probability ``1 - p``.
-
-    Drawn as uniform 31-bit integers compared with ``round((1 - p) * 2**31)`` (exact to
-    2**-31, finer than a float32 uniform), about three times faster on a CPU than
-    ``bernoulli_`` and consuming the generator the same way on every call.
-
-    Args:
-        shape: Mask shape.
-        p: Dropout probability in ``(0, 1)``.
-        device: Where to draw it.
-
-    Returns:
-        A bool tensor of ``shape``.
-    """
-    threshold = round((1.0 - p) * 2**31)
-    return torch.empty(shape, dtype=torch.int32, device=device).random_() < threshold
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """One bit per element (numpy's ``packbits`` on the CPU: ~100x faster than tensor ops)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.packbits(mask.numpy().reshape(-1), bitorder="little"))
-    return pack_bits(mask)
-
-
-def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if packed.device.type == "cpu":
-        bits = np.unpackbits(packed.numpy(), count=shape.numel(), bitorder="little")
-        return torch.from_numpy(bits).view(torch.bool).view(shape)
-    return unpack_bits(packed, shape)
-
-
-class QuantizedLoRAFunction(torch.autograd.Function):
-    """Add the per-slice LoRA update into a quantized layer's output, in place.
-
-    Forward arguments:
-        out: The base layer's output ``(..., out_features)``; modified in place and returned.
-        x: The layer's input ``(..., in_features)``, any float dtype.
-        lora_A: ``(R, in_features)``, R = r * number of enabled slices.
-        lora_B: ``(sum of enabled slice sizes, r)``.
-        scaling: The LoRA scaling.
-        p: Dropout probability on the LoRA branch's input (0: no dropout).
-        slices: ``((start, stop), ...)`` output columns of each enabled slice.
-
-    Saved for backward: the input in its own dtype (``x`` itself, or with dropout the dropped
-    input ``x * keep`` in its place), ``h = dropout(x) @ A.T`` ``(N, R)`` in the LoRA dtype
-    and, with dropout, the keep-mask packed at one bit per element. The gradient of ``out``
-    passes through unchanged (the base layer's own backward handles its part of ``x``'s
-    gradient); the update is computed in the LoRA dtype and added with one rounding.
-    """
-
-    @staticmethod
-    def forward(ctx, out, x, lora_A, lora_B, scaling, p, slices):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        out2 = out.view(-1, out.shape[-1])  # (N, out)
-        packed = None
-        if p > 0:
-            keep = keep_mask(x2.shape, p, x2.device)
-            x2 = torch.where(keep, x2, x2.new_zeros(()))  # the dropped input, x's dtype
-            packed = _pack(keep)
-            del keep
-        xl = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)  # a temporary copy
-        h = torch.mm(xl, lora_A.t())  # (N, R)
-        del xl
-        alpha = scaling / (1.0 - p)  # inverted dropout's 1 / (1 - p) rides on the scale
-        r = lora_B.shape[1]
-        b_row = 0
-        for i, (start, stop) in enumerate(slices):
-            h_i, b_i = h[:, i * r : (i + 1) * r], lora_B[b_row : b_row + stop - start]
-            if out2.dtype == h.dtype:
-                out2[:, start:stop].addmm_(h_i, b_i.t(), alpha=alpha)
-            else:  # e.g. bf16 output, fp32 LoRA: the sum is formed in fp32, rounded once
-                out2[:, start:stop].add_(torch.mm(h_i, b_i.t()), alpha=alpha)
-            b_row += stop - start
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(x if packed is None else x2, lora_A, lora_B, h, packed)
-        ctx.alpha, ctx.slices, ctx.x_shape = alpha, slices, x.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xd, lora_A, lora_B, h, packed = ctx.saved_tensors  # xd: x, or x * keep with dropout
-        _, need_x, need_a, need_b = ctx.needs_input_grad[:4]
-        alpha, slices = ctx.alpha, ctx.slices
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        dtype, r = lora_A.dtype, lora_B.shape[1]
-        g_slices, b_blocks, b_row = [], [], 0
-        for start, stop in slices:
-            g_i = g if (start, stop) == (0, g.shape[1]) else g[:, start:stop]
-            g_slices.append(g_i if g_i.dtype == dtype else g_i.to(dtype))
-            b_blocks.append(lora_B[b_row : b_row + stop - start])
-            b_row += stop - start
-        grad_A = grad_B = grad_x = None
-        if need_b:
-            parts = [
-                torch.mm(g_i.t(), h[:, i * r : (i + 1) * r]).mul_(alpha)
-                for i, g_i in enumerate(g_slices)
-            ]
-            grad_B = torch.cat(parts) if len(parts) > 1 else parts[0]  # (rows, r)
-        if need_x or need_a:
-            parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
-            u = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).mul_(alpha)  # (N, R)
-            if need_a:
-                x2 = xd.reshape(-1, xd.shape[-1])
-                grad_A = torch.mm(u.t(), x2 if x2.dtype == dtype else x2.to(dtype))  # (R, in)
-            if need_x:
-                lora_grad = torch.mm(u, lora_A)  # (N, in)
-                if packed is not None:
-                    keep = _unpack(packed, lora_grad.shape)
-                    lora_grad = torch.where(keep, lora_grad, lora_grad.new_zeros(()))
-                grad_x = lora_grad.to(xd.dtype).view(ctx.x_shape)
-        return grad_out, grad_x, grad_A, grad_B, None, None, None
 
 
 # --------------------------------------------------------------------------- layers
@@ -275,13 +156,11 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             self.enable_lora = self.split_sizes = None
             self._slices: tuple[tuple[int, int], ...] = ((0, self.out_features),)
         else:
-            self.enable_lora, self.split_sizes = _check_slices(
+            self.enable_lora, self.split_sizes = check_slices(
                 self.out_features, enable_lora, split_sizes
             )
-            bounds = [0, *itertools.accumulate(self.split_sizes)]
-            self._slices = tuple(
-                (bounds[i], bounds[i + 1]) for i, on in enumerate(self.enable_lora) if on
-            )
+            self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
+            self._slices = self.slice_layout.out_slices
         self._dense_dtype: torch.dtype | None = None
         self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, bool(self._slices))
         if self.r > 0:
@@ -365,14 +244,6 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             merge_weights=merge_weights,
         )
 
-    def reset_lora_parameters(self) -> None:
-        """Each slice's A block kaiming-uniform (a=sqrt(5)); B zeros."""
-        if self.r == 0:
-            return
-        for a_i in self.lora_A.data.split(self.r):
-            nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
     # ------------------------------------------------------------------ views of the base
     @property
     def weight(self) -> nn.Parameter:
@@ -396,8 +267,7 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self._check_gradient_reaches_lora()
+        self._prepare_forward()  # the reentrant-checkpoint guard (it never merges in place)
         if self._dense_dtype is None and x.is_floating_point():
             self._dense_dtype = x.dtype
         out = self.base_layer(x)
