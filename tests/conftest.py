@@ -15,3 +15,13 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny quantized shapes gain nothing from threads, and on a shared CPU
+    every parallel region of two threads waits for the other (40x slower steps here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -230,3 +230,21 @@ def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
     assert after["state"].keys() == before["state"].keys()
     for k, v in before["state"].items():
         assert torch.equal(after["state"][k], v), k
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as ``benchmarks.<name>`` (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks.{name}", root / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks.bench_precision", ROOT / "benchmarks" / "bench_precision.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_precision_grid_smoke(tmp_path, monkeypatch):
     for mod in ("peft", "loralib"):
         pytest.importorskip(mod)
-    bench = _load()
+    bench = load_benchmark("bench_precision")
     tiny = bench._config(["--quick", "--rounds", "1", "--out", str(tmp_path)])
     tiny = dataclasses.replace(
         tiny,

@@ -5,30 +5,15 @@ Linear4bit saves no activation; the dense merge matches the adapter model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_bench():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks.bench_qlora", ROOT / "benchmarks" / "bench_qlora.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_bench_qlora_smoke_run_writes_every_output(tmp_path):
-    bench = _load_bench()
+    bench = load_benchmark("bench_qlora")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes; two threads on a shared CPU wait on each other
     try:

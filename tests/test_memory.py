@@ -12,15 +12,7 @@ import lora_layers
 from lora_layers import estimate_memory
 from tests.helpers import tiny_phi3, tiny_phi3_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny shapes gain nothing from threads, and on a shared CPU
-    every parallel region of two threads waits for the other (40x slower steps here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_phi3_mini_counts_match_a_meta_device_model():

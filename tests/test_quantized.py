@@ -40,14 +40,7 @@ IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny shapes gain nothing from threads, and on a shared CPU
-    every parallel region of two threads waits for the other (40x slower steps here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
