@@ -24,6 +24,7 @@ from .base import check_lora_args, lora_scaling
 from .config import FusedSpec, LoRAConfig, SliceLayout, check_slices, is_int
 from .keys import join_key, normalize_name, normalized_tensors, split_key
 from .kinds import CONV_DIMS, LAYER_KINDS, layer_kind, layer_sizes
+from .modules_to_save import parse_saved_metadata, saved_state
 from .quantized import dense_weight_shape
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
@@ -321,6 +322,8 @@ class Adapter:
         base_weights: Names of modules whose base ``weight`` is stored (``<module>.weight``),
             e.g. the embedding PEFT saves alongside an embedding adapter.
         bias: The ``lora_state_dict`` bias mode the adapter was saved with.
+        modules_to_save: Module name -> the state keys stored for it (``<module>.<key>``):
+            modules trained whole (see :func:`~lora_layers.inject_lora`).
         problems: Problems found while reading (reported when loading).
         invalid_modules: Modules whose metadata was invalid (their keys are not reported twice).
         source: Where the adapter came from, for messages.
@@ -331,6 +334,7 @@ class Adapter:
     biases: tuple[str, ...] = ()
     base_weights: tuple[str, ...] = ()
     bias: str = "none"
+    modules_to_save: dict[str, tuple[str, ...]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     invalid_modules: set[str] = field(default_factory=set)
     source: str = "<memory>"
@@ -407,6 +411,8 @@ class Adapter:
                 )
                 names = []
             lists[field_name] = tuple(normalize_name(b) for b in names)
+        saved, bad = parse_saved_metadata(doc.get("modules_to_save"))
+        problems += bad
         bias_mode = doc.get("bias", "none")
         if bias_mode not in BIAS_MODES:
             problems.append(f"metadata 'bias' must be one of {BIAS_MODES}, got {bias_mode!r}")
@@ -416,6 +422,7 @@ class Adapter:
             biases=lists["biases"],
             base_weights=lists["base_weights"],
             bias=bias_mode if bias_mode in BIAS_MODES else "none",
+            modules_to_save=saved,
             problems=problems,
             invalid_modules=invalid,
             source=source,
@@ -433,6 +440,8 @@ class Adapter:
             "biases": sorted(self.biases),
             "base_weights": sorted(self.base_weights),
         }
+        if self.modules_to_save:
+            doc["modules_to_save"] = {n: list(k) for n, k in sorted(self.modules_to_save.items())}
         return {"format": "pt", METADATA_KEY: json.dumps(doc, sort_keys=True)}
 
 
@@ -474,11 +483,15 @@ def adapter_from_model(model: nn.Module, bias: str = "none") -> Adapter:
         tensors[join_key(name, "lora_B")] = full_tensor(layer.lora_B.detach())
     if not modules:
         raise AdapterError("the model has no LoRA layer with r > 0; nothing to save")
+    saved = saved_state(model)
+    for name, state in saved.items():
+        tensors.update({join_key(name, k): full_tensor(t) for k, t in state.items()})
     biases = []
     for key, value in lora_state_dict(model, bias=bias).items():
         name, leaf = split_key(key)
-        if leaf == "bias":
+        if leaf == "bias" and join_key(normalize_name(name), leaf) not in tensors:
             name = normalize_name(name)
             biases.append(name)
             tensors[join_key(name, "bias")] = full_tensor(value.detach())
-    return Adapter(tensors=tensors, modules=modules, biases=tuple(biases), bias=bias)
+    saved_keys = {name: tuple(state) for name, state in saved.items()}
+    return Adapter(tensors, modules, tuple(biases), bias=bias, modules_to_save=saved_keys)

@@ -17,6 +17,7 @@ from .adapter_format import Adapter, AdapterError, LayerSpec
 from .config import SliceLayout
 from .keys import LORA_LEAVES, join_key, split_key
 from .layouts import PHI3_FUSED, phi3_split_sizes
+from .modules_to_save import carry_saved
 
 __all__ = ["PHI3_FUSED", "fuse_separate", "phi3_split_sizes", "split_fused"]
 
@@ -184,6 +185,7 @@ def split_fused(
         biases=tuple(biases),
         base_weights=_carry_base_weights(adapter, set(split_done), tensors),
         bias=adapter.bias,
+        modules_to_save=carry_saved(adapter.modules_to_save, adapter.tensors, tensors),
         source=f"split_fused({adapter.source})",
     )
 
@@ -323,5 +325,6 @@ def fuse_separate(
         biases=tuple(biases),
         base_weights=_carry_base_weights(adapter, grouped, tensors),
         bias=adapter.bias,
+        modules_to_save=carry_saved(adapter.modules_to_save, adapter.tensors, tensors),
         source=f"fuse_separate({adapter.source})",
     )

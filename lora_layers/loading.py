@@ -34,6 +34,7 @@ from .base import LoRALayer
 from .keys import LORA_LEAVES, join_key, module_aliases, module_index, split_key
 from .kinds import LAYER_KINDS, is_hf_conv1d
 from .load_report import AdapterLoadError, LoadReport, refuse_load
+from .modules_to_save_io import SavedLoad, apply_saved_loads, plan_saved_loads
 from .quantized import dense_weight_shape
 from .wrapping import replace_module, wrap_module
 
@@ -310,6 +311,8 @@ def _plan_params(
     for leaf, names in (("bias", adapter.biases), ("weight", adapter.base_weights)):
         for name in names:
             key = join_key(name, leaf)
+            if key in claimed:  # a modules_to_save module's (plan_saved_loads)
+                continue
             if key not in adapter.tensors:
                 report.add("missing_keys", key, "listed in the file's metadata but not stored")
                 continue
@@ -325,11 +328,12 @@ def _plan_params(
 
 def _validate(
     model: nn.Module, adapter: Adapter, inject: bool
-) -> tuple[LoadReport, list[_ModulePlan], list[_ParamLoad]]:
+) -> tuple[LoadReport, list[_ModulePlan], list[_ParamLoad], list[SavedLoad]]:
     report = LoadReport(source=adapter.source)
     report.errors += adapter.problems
     claimed: set[str] = set()
     plans = _plan_modules(report, adapter, model, inject, claimed)
+    saved = plan_saved_loads(report, adapter, model, inject, claimed)
     params = _plan_params(report, adapter, model, claimed)
     for key in adapter.tensors:
         if key not in claimed:
@@ -340,7 +344,7 @@ def _validate(
             )
             hint = _peft_hint(key)
             report.add("unexpected_keys", key, f"{why}; {hint}" if hint else why)
-    return report, plans, params
+    return report, plans, params, saved
 
 
 def _merged_after_load(layer: LoRALayer, new: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -467,6 +471,9 @@ def load_lora(
     :func:`~lora_layers.inject_lora` does. Merged layers are re-merged, and injected layers
     in eval mode are merged as ``eval()`` would, so outputs match the saved model's exactly;
     every such merge is computed (and checked for NaN/Inf) before anything is changed.
+    Modules the file trains whole (``modules_to_save``) get a trainable copy, as
+    :func:`~lora_layers.inject_lora` makes, holding the file's state; every tensor is checked
+    like the adapter's (names, shapes, dtypes, finite values).
 
     Args:
         model: The model to load into (a compiled or DDP-wrapped model is fine).
@@ -502,7 +509,7 @@ def load_lora(
             adapter = read_adapter(path, allow_pickle=allow_pickle)
         except AdapterError as exc:
             return refuse_load(str(path), exc.problems, strict, exc)
-    report, plans, params = _validate(model, adapter, inject)
+    report, plans, params, saved = _validate(model, adapter, inject)
     plans, layers, params = _prepare(report, adapter, plans, params)
     if not report.ok:
         if strict:
@@ -512,6 +519,7 @@ def load_lora(
             stacklevel=2,
         )
     _apply(model, report, adapter, plans, layers, params)
+    apply_saved_loads(model, report, saved)
     return report
 
 

@@ -37,6 +37,7 @@ from .keys import (
     split_key,
 )
 from .kinds import CONV_DIMS, layer_kind
+from .modules_to_save_io import peft_saved_tensors
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = ["export_peft", "peft_pattern_key"]
@@ -200,7 +201,9 @@ def export_peft(
     with rsLoRA), so the scaling is unchanged. Ranks and alphas that differ from the most
     common ones go into ``rank_pattern`` / ``alpha_pattern``. PEFT has one ``lora_dropout``
     for all layers: the most common one is written, with a warning when they differ (dropout
-    only affects training).
+    only affects training). Modules trained whole (``modules_to_save``) are written as PEFT
+    writes them, ``base_model.model.<module>.<key>`` for every parameter and persistent
+    buffer, and listed in the config's ``modules_to_save``.
 
     Args:
         model: A model with lora_layers layers.
@@ -227,16 +230,21 @@ def export_peft(
         entries.append((name, layer, layer.r * n_slices, n_slices, tensors))
     if not entries:
         raise AdapterError("the model has no LoRA layer with r > 0; nothing to export")
+    saved_tensors, saved_names, bad = peft_saved_tensors(model)
+    problems += bad
     if problems:
         raise AdapterError(problems, context="cannot export to PEFT")
     config = _peft_config(entries, module_index(model)[0], base_model_name_or_path, bias)
     targets = {name for name, *_ in entries}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    config["modules_to_save"] = saved_names or None
     tensors = {k: v for *_, t in entries for k, v in t.items()}
+    tensors.update(saved_tensors)
     for key, value in lora_state_dict(model, bias=bias).items():
         name, leaf = split_key(key)
-        if leaf == "bias":  # PEFT wraps LoRA layers: their bias is ``base_layer.bias``
+        if leaf == "bias" and f"base_model.model.{normalize_name(key)}" not in saved_tensors:
+            # PEFT wraps LoRA layers: their bias is ``base_layer.bias``
             name = normalize_name(name)
             where = f"{name}.base_layer" if name in targets else name
             tensors[f"base_model.model.{where}.bias"] = value.detach()

@@ -45,6 +45,7 @@ from .keys import (
 from .kinds import CONV_DIMS, is_hf_conv1d
 from .linear import Linear
 from .loading import LoadReport, load_lora, refuse_load
+from .modules_to_save_io import peft_saved_modules
 from .peft_export import export_peft, peft_pattern_key
 
 __all__ = ["export_peft", "import_peft", "read_peft"]
@@ -53,7 +54,6 @@ __all__ = ["export_peft", "import_peft", "read_peft"]
 _PEFT_UNSUPPORTED = (
     "use_dora",
     "lora_bias",
-    "modules_to_save",
     "target_parameters",
     "trainable_token_indices",
     "alora_invocation_tokens",
@@ -93,6 +93,11 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"{where}: r must be a positive int, got {r!r}")
     if _bad_alpha(alpha):
         problems.append(f"{where}: lora_alpha must be a positive finite number, got {alpha!r}")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (
+        isinstance(saved, list) and all(isinstance(m, str) for m in saved)
+    ):
+        problems.append(f"{where}: modules_to_save must be a list of module names, got {saved!r}")
     dropout = config.get("lora_dropout", 0.0)
     if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
         problems.append(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
@@ -188,6 +193,10 @@ def _group_peft_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict
                 biases.append(split_key(key)[0])
             out[key] = t  # biases load as-is; anything else is reported as unexpected
     return found, out, biases, base_weights
+
+
+def _saved_keys(saved: Mapping[str, tuple[str, ...]]) -> set[str]:
+    return {join_key(name, key) for name, keys in saved.items() for key in keys}
 
 
 def _linear_fan_in_fan_out(existing: nn.Module | None, default: bool) -> bool:
@@ -308,6 +317,9 @@ def read_peft(
         aliases = module_aliases(model, index)[0]
     tensors, problems = normalized_tensors(raw)
     found, out, biases, base_weights = _group_peft_tensors(tensors)
+    skip = [join_key(n, "weight") for n in base_weights]
+    saved = peft_saved_modules(config.get("modules_to_save"), list(out), skip)
+    biases = [b for b in biases if join_key(b, "bias") not in _saved_keys(saved)]
     modules: dict[str, LayerSpec] = {}
     invalid: set[str] = set()
     for name, parts in found.items():
@@ -331,6 +343,7 @@ def read_peft(
         modules=modules,
         biases=tuple(biases),
         base_weights=tuple(base_weights),
+        modules_to_save=saved,
         problems=problems,
         invalid_modules=invalid,
         source=str(directory),
@@ -349,7 +362,9 @@ def import_peft(
     Each ``<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
     embeddings) pair becomes a lora_layers layer with the rank of its tensors and the alpha
     from ``lora_alpha`` / ``alpha_pattern``, then loads through :func:`load_lora` with the same
-    validation (plain modules are injected; existing LoRA layers must match). A module
+    validation (plain modules are injected; existing LoRA layers must match). Modules in the
+    config's ``modules_to_save`` (a ``SEQ_CLS`` adapter's ``score`` / ``classifier``) whose
+    state the file holds are trained whole, as :func:`~lora_layers.inject_lora` does. A module
     registered under several names is replaced under every name (PEFT replaces only the
     first).
 

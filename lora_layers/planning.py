@@ -28,6 +28,7 @@ from .matching import (
     no_match_message,
     walk_modules,
 )
+from .modules_to_save import SavePlan, find_modules_to_save
 
 __all__ = ["LoRAPlan", "plan_lora"]
 
@@ -41,6 +42,8 @@ class LoRAPlan(dict):
     Attributes:
         modules: Name -> the module planned for, as it was when planned.
         names: Name -> every name the module is registered under (``model.a is model.b``).
+        modules_to_save: Name -> ``(module, every name it has)`` of the modules to train
+            whole (see :mod:`lora_layers.modules_to_save`).
     """
 
     def __init__(
@@ -48,10 +51,12 @@ class LoRAPlan(dict):
         configs: Mapping[str, LoRAConfig],
         modules: Mapping[str, nn.Module],
         names: Mapping[str, tuple[str, ...]],
+        modules_to_save: SavePlan | None = None,
     ) -> None:
         super().__init__(configs)
         self.modules = dict(modules)
         self.names = dict(names)
+        self.modules_to_save = dict(modules_to_save or {})
 
 
 class _Keys:
@@ -131,8 +136,14 @@ def _is_target(keys: _Keys, names: list[str], module: nn.Module, head: Any) -> t
     return linear, linear
 
 
-def _choose(model: nn.Module, keys: _Keys, modules: dict, names_of: dict) -> list[tuple]:
-    """``(name, module, index of its fused key or None)`` for every module to wrap."""
+def _choose(
+    model: nn.Module, keys: _Keys, modules: dict, names_of: dict, saved: set[str]
+) -> list[tuple]:
+    """``(name, module, index of its fused key or None)`` for every module to wrap.
+
+    Modules in (or inside) ``saved``, the modules_to_save names, are skipped when only a broad
+    key (a type, "all-linear") matches them, as PEFT skips them; a named key raises.
+    """
     head = _output_head(model) if keys.targets.all_linear is not None else None
     mha_children = {
         id(child)
@@ -153,6 +164,14 @@ def _choose(model: nn.Module, keys: _Keys, modules: dict, names_of: dict) -> lis
         fused_at = keys.match(keys.fused, names, module)
         if not (is_target or fused_at is not None) or is_excluded(names, excluded):
             continue
+        if saved and is_excluded(names, saved):
+            if broad and fused_at is None:
+                continue
+            raise ValueError(
+                f"{name!r} is both a LoRA target and in (or inside) a modules_to_save module; "
+                "a module trained whole cannot also get LoRA (PEFT silently leaves it out of "
+                "the targets): remove it from target_modules/fused or from modules_to_save"
+            )
         if id(module) in mha_children:
             if broad and fused_at is None:
                 continue  # nn.MultiheadAttention reads these weights directly, not via forward
@@ -230,6 +249,7 @@ def plan_lora(
     merge_weights: bool = False,
     config: Any = None,
     lora_config: LoRAConfig | None = None,
+    modules_to_save: Targets | None = None,
 ) -> LoRAPlan:
     """Decide which modules :func:`inject_lora` would wrap, and how, without changing anything.
 
@@ -240,6 +260,8 @@ def plan_lora(
         lora_config: The settings every module gets (before ``rank_pattern`` /
             ``alpha_pattern`` / ``fused``), instead of ``r``, ``lora_alpha``,
             ``lora_dropout``, ``use_rslora``, ``lora_dtype`` and ``merge_weights``.
+        modules_to_save: Keys (as targets, no ``"all-linear"``) of modules to train whole;
+            in ``plan.modules_to_save``. Each key must match some module.
 
     Returns:
         LoRAPlan: Dotted module name -> :class:`LoRAConfig`, in ``named_modules`` order.
@@ -258,8 +280,10 @@ def plan_lora(
     }
     base = _base_config(lora_config, given)
     keys = _Keys(target_modules, fused, exclude_modules, rank_pattern, alpha_pattern)
+    saved = find_modules_to_save(model, modules_to_save)
     modules, names_of = walk_modules(model)
-    chosen = _choose(model, keys, modules, names_of)
+    saved_names = {n for _, aliases in saved.values() for n in aliases}
+    chosen = _choose(model, keys, modules, names_of, saved_names)
     configs = _assign(keys, chosen, names_of, base, _model_config(model, config))
     names = {name: tuple(names_of[id(modules[name])]) for name in configs}
-    return LoRAPlan(configs, {name: modules[name] for name in configs}, names)
+    return LoRAPlan(configs, {name: modules[name] for name in configs}, names, saved)

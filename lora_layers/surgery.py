@@ -36,6 +36,7 @@ from .config import FusedSpec, InjectSpec, LoRAConfig
 from .input_grads import enable_input_require_grads
 from .layouts import FUSED_LAYOUTS, qkv_split_sizes, resolve_fused
 from .matching import ALL_LINEAR, Targets
+from .modules_to_save import save_modules
 from .planning import LoRAPlan, plan_lora
 from .utils import lora_modules, mark_only_lora_as_trainable
 from .wrapping import (
@@ -127,6 +128,12 @@ def inject_lora(
         input_require_grads: Hook ``model.get_input_embeddings()`` (if the model has it) so
             reentrant gradient checkpointing trains LoRA with frozen embeddings; see
             :func:`enable_input_require_grads`.
+        modules_to_save: Keys (as targets, no ``"all-linear"``) of modules to train whole,
+            e.g. ``["score"]`` for a classification head (PEFT's ``modules_to_save``): each
+            is replaced by a trainable copy (every parameter trains, even with
+            ``freeze_base``) and saved by :func:`~lora_layers.save_lora`; the original is
+            kept aside for :func:`unload`. A module trained whole gets no LoRA: a broad key
+            (a type, ``"all-linear"``) skips it, a named key raises. See ``docs/variants.md``.
         config: Where fused q/k/v sizes come from (default: ``model.config``); an object or a
             mapping with ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` or
             ``hidden_size``.
@@ -136,7 +143,8 @@ def inject_lora(
             carried out as it is (no targeting or LoRA argument may be given with it).
         **options: The keyword-only planning arguments above (``fused``, ``exclude_modules``,
             ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``lora_dtype``,
-            ``merge_weights``, ``config``, ``lora_config``), passed to :func:`plan_lora`.
+            ``merge_weights``, ``config``, ``lora_config``, ``modules_to_save``), passed to
+            :func:`plan_lora`.
 
     Returns:
         nn.Module: ``model`` itself.
@@ -159,6 +167,7 @@ def inject_lora(
         layer = wrap_module(module, spec, name)
         for alias in plan.names[name]:  # the same module object under several names
             set_child(model, alias, layer)
+    save_modules(model, plan.modules_to_save, freeze_original=freeze_base)
     if freeze_base:
         mark_only_lora_as_trainable(model, bias=bias)
     if input_require_grads:

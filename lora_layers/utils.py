@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import LoRALayer
+from .modules_to_save import originals_swapped, saved_modules, saved_state_keys
 
 __all__ = [
     "BIAS_MODES",
@@ -53,11 +54,15 @@ def _lora_param_names(model: nn.Module, bias: str) -> list[str]:
         for name, module in model.named_modules():
             if isinstance(module._parameters.get("bias"), nn.Parameter):
                 names.append(f"{name}.bias" if name else "bias")
+    for name, module in saved_modules(model):  # modules_to_save: every parameter trains
+        names += [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
     return list(dict.fromkeys(names))
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     """Freeze everything but the LoRA parameters (and optionally biases).
+
+    The modules in ``modules_to_save`` (see :func:`~lora_layers.inject_lora`) train whole.
 
     Parameters are chosen by layer type, never by substring: a module named ``flora_proj``
     stays frozen and ``unbiased.weight`` is untouched.
@@ -83,7 +88,9 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     """The adapter part of ``model.state_dict()``, with loralib's key names.
 
     Keys are ``<module>.lora_A`` / ``<module>.lora_B`` (plus ``<module>.bias`` per ``bias``),
-    so state dicts from loralib layers load into ours and back.
+    so state dicts from loralib layers load into ours and back; the modules in
+    ``modules_to_save`` add their whole state (``<module>.<key>``: every parameter and
+    persistent buffer).
 
     Args:
         model: A model holding LoRA layers.
@@ -95,7 +102,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     Raises:
         ValueError: If ``bias`` is not a known mode.
     """
-    wanted = _lora_param_names(model, bias)
+    wanted = list(dict.fromkeys(_lora_param_names(model, bias) + saved_state_keys(model)))
     full = model.state_dict()
     return {k: full[k] for k in wanted if k in full}
 
@@ -105,7 +112,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` with every LoRA layer computing its base output only.
 
     Works on merged layers too (the base weight is never modified). Each layer's previous
-    setting is restored on exit.
+    setting is restored on exit. The modules in ``modules_to_save`` are swapped for their
+    originals meanwhile, so the model computes exactly the base model.
 
     Args:
         model: A model holding LoRA layers.
@@ -118,7 +126,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     for m in layers:
         m.disable_adapters = True
     try:
-        yield model
+        with originals_swapped(model):
+            yield model
     finally:
         for m, prev in zip(layers, previous, strict=True):
             m.disable_adapters = prev

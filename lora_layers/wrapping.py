@@ -21,6 +21,7 @@ from .config import LoRAConfig
 from .input_grads import remove_input_require_grads
 from .kinds import build_layer
 from .matching import walk_modules
+from .modules_to_save import forget_originals, restore_originals
 from .quantized import QuantizedLoRALinear
 from .utils import lora_modules
 
@@ -183,12 +184,15 @@ def unload(model: nn.Module) -> nn.Module:
 
     The plain layers get the very same ``weight``/``bias`` Parameter objects (bit-identical,
     never modified), and layers injected by :func:`inject_lora` come back as their original
-    class. LoRA parameters are dropped. ``requires_grad`` is left as it is (the base stays
+    class. LoRA parameters are dropped. The modules in ``modules_to_save`` get their original
+    module objects back (the trained copies are dropped; PEFT's ``unload`` keeps the trained
+    copies instead). ``requires_grad`` is left as it is (the base stays
     frozen); call ``model.requires_grad_(True)`` to train the whole model again.
 
     Returns:
         nn.Module: ``model``, whose ``state_dict()`` has the original keys and values.
     """
+    restore_originals(model)
     return _replace_lora_layers(model, lambda name, layer: layer.weight)
 
 
@@ -202,7 +206,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     checkpoint. A weight tied to another module (e.g. embeddings tied to the output head)
     is untied, keeping the model's outputs; a warning says so. A LoRA layer on a quantized
     base (:mod:`lora_layers.quantized`) becomes a dense ``nn.Linear`` holding
-    ``dequantize(W) + delta`` rounded once (see ``docs/qlora.md``).
+    ``dequantize(W) + delta`` rounded once (see ``docs/qlora.md``). The modules in
+    ``modules_to_save`` keep their trained weights (as in PEFT) and become plain modules.
 
     Returns:
         nn.Module: ``model``.
@@ -229,4 +234,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             return layer.weight
         return nn.Parameter(layer.get_merged_weight(), layer.weight.requires_grad)
 
-    return _replace_lora_layers(model, merged_weight)
+    _replace_lora_layers(model, merged_weight)
+    return forget_originals(model)
