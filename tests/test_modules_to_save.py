@@ -63,6 +63,8 @@ def tiny_classifier(arch: str = "llama", seed: int = 0) -> nn.Module:
         num_key_value_heads=2,
         num_labels=3,
         pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
@@ -365,3 +367,93 @@ def test_unload_gives_back_the_original_head_merge_keeps_the_trained_one():
     assert model.score is original and torch.equal(model.score.weight, before)
     assert set(model.state_dict()) == keys
     torch.testing.assert_close(logits(model), base_logits, rtol=0, atol=0)
+
+
+def peft_toy(directory) -> nn.Module:
+    """PEFT's own adapter on the toy: LoRA on ``proj``, the BatchNorm head saved whole."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], modules_to_save=["head"])
+    model = peft.get_peft_model(toy_base(), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(16, 8)).square().mean().backward()
+        optimizer.step()
+    model.eval().save_pretrained(str(directory))
+    return model
+
+
+def test_peft_toy_with_buffers_imports_and_our_export_loads_in_peft(tmp_path):
+    theirs = peft_toy(tmp_path / "peft")
+    x = torch.randn(4, 8)
+    model = toy_base()
+
+    assert import_peft(model, tmp_path / "peft").ok
+
+    assert torch.equal(
+        model.head[0].running_var,
+        theirs.base_model.model.head.modules_to_save.default[0].running_var,
+    )
+    assert model.head[0].num_batches_tracked.item() == 3
+    torch.testing.assert_close(model(x), theirs(x), rtol=RTOL, atol=ATOL)
+    export_peft(model, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(toy_base(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(again(x), model(x), rtol=RTOL, atol=ATOL)
+    assert again.base_model.model.head.modules_to_save.default[0].num_batches_tracked.item() == 3
+
+
+def test_export_refuses_a_name_peft_would_match_twice(tmp_path):
+    class Heads(BatchNormHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prehead = nn.Linear(3, 3)
+
+    model = inject_lora(Heads(), ["proj"], r=2, modules_to_save=["head"])
+    with pytest.raises(
+        lora_layers.AdapterError,
+        match=r"'head': PEFT matches names by their ending and would also train 'prehead'",
+    ):
+        export_peft(model, tmp_path)
+
+
+def test_non_strict_load_skips_only_the_bad_saved_module(tmp_path):
+    path = save_lora(trained_toy(), tmp_path / "a.safetensors")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors["head.1.bias"] = torch.full_like(tensors["head.1.bias"], float("nan"))
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    fresh = toy_base()
+
+    with pytest.warns(UserWarning, match=r"head\.1\.bias: holds 3 NaN/Inf values"):
+        report = load_lora(fresh, tmp_path / "nan.safetensors", strict=False)
+
+    assert report.injected_modules == ["proj"] and original_of(fresh.head) is None
+    assert isinstance(fresh.proj, lora_layers.Linear)
+
+
+def test_split_fused_keeps_the_saved_head(tmp_path):
+    model = tiny_classifier("phi3")
+    inject_lora(model, fused={"qkv_proj": "qv"}, r=2, modules_to_save=["score"])
+    adapter = lora_layers.adapter_from_model(model)
+
+    split = lora_layers.split_fused(adapter)
+    sizes = lora_layers.fused.phi3_split_sizes(model.config)
+    fused = lora_layers.fuse_separate(split, split_sizes=sizes)
+
+    assert "model.layers.0.self_attn.q_proj" in split.modules
+    for converted in (split, fused):
+        assert converted.modules_to_save == {"score": ("weight",)}
+        assert torch.equal(converted.tensors["score.weight"], model.score.weight)
+
+
+def test_saving_a_tied_module_warns_that_the_copy_is_untied():
+    class Tied(BatchNormHead):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(8, 8)
+            self.out.weight = self.proj.weight
+
+    with pytest.warns(UserWarning, match=r"'out' shares a parameter with 'proj' \(tied weights\)"):
+        model = inject_lora(Tied(), ["head.1"], r=2, modules_to_save=["out"])
+    assert model.out.weight is not model.proj.weight
