@@ -28,7 +28,7 @@ from .matching import (
     no_match_message,
     walk_modules,
 )
-from .modules_to_save import SavePlan, find_modules_to_save
+from .modules_to_save import SavePlan, find_modules_to_save, original_of
 
 __all__ = ["LoRAPlan", "plan_lora"]
 
@@ -283,6 +283,7 @@ def plan_lora(
     saved = find_modules_to_save(model, modules_to_save)
     modules, names_of = walk_modules(model)
     saved_names = {n for _, aliases in saved.values() for n in aliases}
+    saved_names |= {n for m in modules.values() if original_of(m) for n in names_of[id(m)]}
     chosen = _choose(model, keys, modules, names_of, saved_names)
     configs = _assign(keys, chosen, names_of, base, _model_config(model, config))
     names = {name: tuple(names_of[id(modules[name])]) for name in configs}

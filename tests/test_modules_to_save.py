@@ -457,3 +457,24 @@ def test_saving_a_tied_module_warns_that_the_copy_is_untied():
     with pytest.warns(UserWarning, match=r"'out' shares a parameter with 'proj' \(tied weights\)"):
         model = inject_lora(Tied(), ["head.1"], r=2, modules_to_save=["out"])
     assert model.out.weight is not model.proj.weight
+
+
+def test_a_second_injection_leaves_saved_modules_alone():
+    model = inject_lora(tiny_classifier(), ["q_proj"], modules_to_save=["score"])
+    inject_lora(model, "all-linear", exclude_modules=["q_proj"])
+    assert type(model.score) is nn.Linear and original_of(model.score) is not None
+    with pytest.raises(ValueError, match=r"'score' is both a LoRA target and in \(or inside\)"):
+        inject_lora(model, ["score"])
+    with pytest.raises(ValueError, match=r"modules_to_save: 'score' is already in modules_to_save"):
+        inject_lora(model, ["k_proj"], modules_to_save=["score"])
+
+
+def test_the_original_follows_the_model_dtype_when_put_back():
+    model = ours_trained()
+    model.to(torch.float64)
+    expected = logits(tiny_classifier().to(torch.float64))
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+    unload(model)
+    assert model.score.weight.dtype == torch.float64
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
