@@ -319,7 +319,8 @@ def read_peft(
     found, out, biases, base_weights = _group_peft_tensors(tensors)
     skip = [join_key(n, "weight") for n in base_weights]
     saved = peft_saved_modules(config.get("modules_to_save"), list(out), skip)
-    biases = [b for b in biases if join_key(b, "bias") not in _saved_keys(saved)]
+    in_saved = _saved_keys(saved)
+    biases = [b for b in biases if join_key(b, "bias") not in in_saved]
     modules: dict[str, LayerSpec] = {}
     invalid: set[str] = set()
     for name, parts in found.items():

@@ -478,3 +478,15 @@ def test_the_original_follows_the_model_dtype_when_put_back():
     unload(model)
     assert model.score.weight.dtype == torch.float64
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+
+
+def test_import_refuses_a_modules_to_save_that_is_not_a_list(tmp_path):
+    peft_trained("llama", tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = "score"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    with pytest.raises(
+        AdapterLoadError, match=r"modules_to_save must be a list of module names, got 'score'"
+    ):
+        import_peft(tiny_classifier(), tmp_path)
