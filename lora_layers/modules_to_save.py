@@ -217,22 +217,34 @@ def save_modules(model: nn.Module, plan: SavePlan, freeze_original: bool = True)
 
 
 def _follow(original: nn.Module, trained: nn.Module) -> None:
-    """Move the original's tensors to the trained copy's device (and float dtype), in place."""
+    """Move the original's tensors to the trained copy's device (and float dtype), in place.
+
+    What ``model.to()`` did to the copy, done to the original: a tensor that must move gets
+    a new Parameter (or buffer) on its module; the module objects stay the same.
+    """
+    moved: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for name, p in original.named_parameters():
-            ref = trained.get_parameter(name)
-            dtype = ref.dtype if p.is_floating_point() and ref.is_floating_point() else p.dtype
-            if (p.device, p.dtype) != (ref.device, dtype):
-                p.data = p.data.to(ref.device, dtype)
-        for name, b in original.named_buffers():
-            owner_name, _, leaf = name.rpartition(".")
-            try:
-                ref = trained.get_buffer(name)
-            except AttributeError:
-                continue
-            dtype = ref.dtype if b.is_floating_point() and ref.is_floating_point() else b.dtype
-            if (b.device, b.dtype) != (ref.device, dtype):
-                original.get_submodule(owner_name)._buffers[leaf] = b.to(ref.device, dtype)
+        for sub_name, sub in original.named_modules():
+            for store, get in (
+                (sub._parameters, trained.get_parameter),
+                (sub._buffers, trained.get_buffer),
+            ):
+                for leaf, t in list(store.items()):
+                    try:
+                        ref = get(f"{sub_name}.{leaf}" if sub_name else leaf)
+                    except AttributeError:
+                        continue
+                    if t is None or ref is None:
+                        continue
+                    floats = t.is_floating_point() and ref.is_floating_point()
+                    dtype = ref.dtype if floats else t.dtype
+                    if (t.device, t.dtype) == (ref.device, dtype):
+                        continue
+                    if id(t) not in moved:
+                        new = t.to(ref.device, dtype)
+                        is_param = isinstance(t, nn.Parameter)
+                        moved[id(t)] = nn.Parameter(new, t.requires_grad) if is_param else new
+                    store[leaf] = moved[id(t)]
 
 
 def _swaps(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:

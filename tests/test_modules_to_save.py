@@ -490,3 +490,16 @@ def test_import_refuses_a_modules_to_save_that_is_not_a_list(tmp_path):
         AdapterLoadError, match=r"modules_to_save must be a list of module names, got 'score'"
     ):
         import_peft(tiny_classifier(), tmp_path)
+
+
+def test_the_original_follows_the_model_device_when_put_back():
+    # No accelerator here: the meta device stands in for "the model moved after injection".
+    model = inject_lora(toy_base(), ["proj"], r=2, modules_to_save=["head"])
+    original = original_of(model.head)
+    model.to("meta")
+    assert original[1].weight.device.type == "cpu"  # kept outside the model: .to() skips it
+
+    unload(model)
+
+    assert model.head is original
+    assert {t.device.type for t in model.head.state_dict().values()} == {"meta"}
