@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter_format import DTYPE_NAMES, DTYPES, Adapter, dtype_name, shape_of
+from .adapter_format import DTYPE_NAMES, DTYPES, Adapter, dtype_name, full_tensor, shape_of
 from .base import LoRALayer
 from .keys import join_key, module_aliases, module_index, normalize_name
 from .load_report import LoadReport
@@ -196,7 +196,7 @@ def peft_saved_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[
     """
     saved = saved_state(model)
     tensors = {
-        f"base_model.model.{join_key(name, key)}": t
+        f"base_model.model.{join_key(name, key)}": full_tensor(t)
         for name, state in saved.items()
         for key, t in state.items()
     }
