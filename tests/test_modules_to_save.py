@@ -151,11 +151,8 @@ def test_peft_counts_the_same_trainable_parameters():
     assert peft_total - total == ours.score.weight.numel()
 
 
-def test_lora_plus_groups_put_the_head_where_peft_does(tmp_path):
-    theirs = peft_trained("llama", tmp_path)
-    model = tiny_classifier()
-    import_peft(model, tmp_path)
-    lora_layers.mark_only_lora_as_trainable(model)  # loading keeps requires_grad as it was
+def lora_plus_rates(theirs: nn.Module, model: nn.Module) -> tuple[dict, dict]:
+    """``({our name: (lr, wd)}`` from PEFT's optimizer on ``theirs``, the same from ours)."""
     kw = dict(lr=1e-3, loraplus_lr_ratio=8.0, loraplus_weight_decay=0.1)
     peft_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, **kw)
     peft_rates = {
@@ -166,12 +163,24 @@ def test_lora_plus_groups_put_the_head_where_peft_does(tmp_path):
 
     def ours_name(name: str) -> str:
         name = name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+        name = name.replace(".base_layer.", ".")
         return re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1", name)
 
     expected = {
         ours_name(n): peft_rates[id(p)] for n, p in theirs.named_parameters() if p.requires_grad
     }
     got = {n: our_rates[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    return got, expected
+
+
+def test_lora_plus_groups_put_the_head_where_peft_does(tmp_path):
+    theirs = peft_trained("llama", tmp_path)
+    model = tiny_classifier()
+    import_peft(model, tmp_path)
+    lora_layers.mark_only_lora_as_trainable(model)  # loading keeps requires_grad as it was
+
+    got, expected = lora_plus_rates(theirs, model)
+
     assert got == expected and got["score.weight"] == (1e-3, 0.1)  # with A: 2-D, not LoRA
 
 
@@ -400,6 +409,10 @@ def test_peft_toy_with_buffers_imports_and_our_export_loads_in_peft(tmp_path):
     again = peft.PeftModel.from_pretrained(toy_base(), str(tmp_path / "ours")).eval()
     torch.testing.assert_close(again(x), model(x), rtol=RTOL, atol=ATOL)
     assert again.base_model.model.head.modules_to_save.default[0].num_batches_tracked.item() == 3
+    lora_layers.mark_only_lora_as_trainable(model)
+    got, expected = lora_plus_rates(theirs, model)  # LoRA+: the head's biases too
+    assert got == expected and got["head.1.bias"] == (8e-3, 0.0)
+    assert got["head.0.weight"] == (8e-3, 0.1) and got["head.1.weight"] == (1e-3, 0.1)
 
 
 def test_export_refuses_a_name_peft_would_match_twice(tmp_path):
