@@ -128,8 +128,9 @@ def find_modules_to_save(model: nn.Module, keys: Targets | None) -> SavePlan:
         SavePlan: Name -> ``(module, every name it has)``, in ``named_modules`` order.
 
     Raises:
-        ValueError: If a key matches no module (the message lists candidates), a match is
-            the root, is inside another match, holds a LoRA layer or is already saved.
+        ValueError: If a key matches no module but the root (the message lists
+            candidates), or a match is inside another match or a module saved before, holds a
+            LoRA layer or is already saved.
         TypeError: If a key is not a name, regex or module type.
     """
     patterns = TargetPatterns(keys, "modules_to_save")
@@ -139,16 +140,17 @@ def find_modules_to_save(model: nn.Module, keys: Targets | None) -> SavePlan:
     found: SavePlan = {}
     for name, module in modules.items():
         names = names_of[id(module)]
-        if first_match(patterns, names, module, need_suffixes=True) is None:
-            continue
-        if not name:
-            raise ValueError("modules_to_save cannot name the model itself")
+        if not name or first_match(patterns, names, module, need_suffixes=True) is None:
+            continue  # the root cannot be replaced in place
         _check_savable(name, module)
         found[name] = (module, tuple(names))
     missing = patterns.unmatched()
     if missing:
         raise ValueError(_no_match(missing[0], modules))
     all_names = {n for _, names in found.values() for n in names}
+    all_names |= {
+        n for m in modules.values() if ORIGINAL_ATTR in m.__dict__ for n in names_of[id(m)]
+    }
     for name, (_, names) in found.items():
         for n in names:
             parts = n.split(".")

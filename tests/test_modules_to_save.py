@@ -480,6 +480,9 @@ def test_a_second_injection_leaves_saved_modules_alone():
         inject_lora(model, ["score"])
     with pytest.raises(ValueError, match=r"modules_to_save: 'score' is already in modules_to_save"):
         inject_lora(model, ["k_proj"], modules_to_save=["score"])
+    toy = inject_lora(toy_base(), ["proj"], modules_to_save=["head"])
+    with pytest.raises(ValueError, match=r"'head\.1' is inside 'head', which is also saved whole"):
+        inject_lora(toy, ["proj"], exclude_modules=["proj"], modules_to_save=["head.1"])
 
 
 def test_the_original_follows_the_model_dtype_when_put_back():
