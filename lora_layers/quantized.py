@@ -154,23 +154,16 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             if split_sizes is not None:
                 raise ValueError("split_sizes needs enable_lora (one flag per slice)")
             self.enable_lora = self.split_sizes = None
-            self._slices: tuple[tuple[int, int], ...] = ((0, self.out_features),)
+            self.slice_layout = SliceLayout.whole(self.out_features)
         else:
             self.enable_lora, self.split_sizes = check_slices(
                 self.out_features, enable_lora, split_sizes
             )
             self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
-            self._slices = self.slice_layout.out_slices
         self._dense_dtype: torch.dtype | None = None
-        self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, bool(self._slices))
-        if self.r > 0:
-            kw = {"device": self.weight.device, "dtype": lora_dtype or torch.float32}
-            rows = sum(stop - start for start, stop in self._slices)
-            self.lora_A = nn.Parameter(
-                torch.empty(self.r * len(self._slices), self.in_features, **kw)
-            )
-            self.lora_B = nn.Parameter(torch.empty(rows, self.r, **kw))
-            self.reset_lora_parameters()
+        active = bool(self.slice_layout.out_slices)
+        self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, active)
+        self._init_lora_parameters(self.weight.device, lora_dtype or torch.float32)
         nn.Module.train(self, base_layer.training)
 
     # ------------------------------------------------------------------ per-kind hooks
@@ -279,22 +272,17 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             else 0.0
         )
         return QuantizedLoRAFunction.apply(
-            out, x, self.lora_A, self.lora_B, self.scaling, p, self._slices
+            out, x, self.lora_A, self.lora_B, self.scaling, p, self.slice_layout
         )
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> torch.Tensor:
         """Per-slice ``scaling * B_i @ A_i`` in its rows, zeros elsewhere: fp32 ``(out, in)``."""
-        delta = torch.zeros(
-            self.out_features, self.in_features, dtype=torch.float32, device=self.lora_A.device
-        )
-        b_row = 0
-        for i, (start, stop) in enumerate(self._slices):
-            a_i = self.lora_A[i * self.r : (i + 1) * self.r].float()  # (r, in)
-            b_i = self.lora_B[b_row : b_row + stop - start].float()  # (size_i, r)
-            delta[start:stop] = self.scaling * (b_i @ a_i)
-            b_row += stop - start
-        return delta
+        return self.slice_layout.delta_weight(self.lora_A, self.lora_B, self.scaling, torch.float32)
+
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r * n_slices, in_features)``; ``lora_B``: ``(slice rows, r)``."""
+        return self.slice_layout.lora_shapes(self.r, self.in_features)
 
     def get_merged_weight(self) -> torch.Tensor:
         """``(dequantize(W).float() + delta_weight()).to(base_dtype())``: dense, rounded once.
