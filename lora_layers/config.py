@@ -128,7 +128,8 @@ class SliceLayout:
     def blocks(self, r: int) -> tuple[tuple[slice, slice, slice], ...]:
         """Per enabled slice: ``(its output rows, its rows of lora_A, its rows of lora_B)``.
 
-        Computed once per rank and kept, so forwards read it without recomputing.
+        Computed once per rank and kept: layers ask for theirs when they are built, so
+        forwards (and ``torch.compile`` traces) only read it.
         """
         found = self._by_rank.get(r)
         if found is None:

@@ -74,6 +74,7 @@ class Linear(LoRALayer, nn.Linear):
         self.slice_layout = layout  # output rows with LoRA; their blocks of lora_A / lora_B
         active = bool(layout.out_slices)
         self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, active)
+        layout.blocks(self.r)  # computed now: forwards (and torch.compile traces) only read it
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
     wraps = nn.Linear

@@ -152,6 +152,7 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
         self._dense_dtype: torch.dtype | None = None
         active = bool(self.slice_layout.out_slices)
         self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, active)
+        self.slice_layout.blocks(self.r)  # computed now: forwards only read it
         self._init_lora_parameters(self.weight.device, lora_dtype or torch.float32)
         nn.Module.train(self, base_layer.training)
 
