@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LoRALayer
+from .config import SliceLayout
 from .functional import lora_linear
 
 __all__ = ["Linear"]
@@ -37,11 +38,13 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
+        slice_layout (SliceLayout | None): The output slices that get LoRA (default: one
+            slice over every output); :class:`~lora_layers.MergedLinear` passes its own.
 
     Raises:
         TypeError: If ``r`` is not an int, or ``lora_alpha``/``lora_dropout`` not numbers.
-        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, or ``lora_dropout``
-            outside ``[0, 1)``.
+        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, ``lora_dropout``
+            outside ``[0, 1)``, or ``slice_layout`` is for another output size.
     """
 
     def __init__(
@@ -57,24 +60,31 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        slice_layout: SliceLayout | None = None,
     ) -> None:
+        layout = slice_layout or SliceLayout.whole(out_features)
+        if layout.out_features != out_features:
+            raise ValueError(f"{layout} is for {layout.out_features} outputs, not {out_features}")
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if self.fan_in_fan_out:
             # Same values and init as nn.Linear, stored transposed: (in, out).
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
-        self._slices = self._enabled_slices()  # ((start, stop), ...) output columns with LoRA
-        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, bool(self._slices))
+        self.slice_layout = layout  # output rows with LoRA; their blocks of lora_A / lora_B
+        active = bool(layout.out_slices)
+        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, active)
+        layout.blocks(self.r)  # computed now: forwards (and torch.compile traces) only read it
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
-
-    def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
-        return ((0, self.out_features),)
 
     wraps = nn.Linear
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``lora_A``: ``(r, in_features)``; ``lora_B``: ``(out_features, r)``."""
-        return (self.r, self.in_features), (self.out_features, self.r)
+        """``lora_A``: ``(r * n_slices, in_features)``; ``lora_B``: ``(slice rows, r)``.
+
+        One slice (a plain ``Linear``): ``(r, in_features)`` and ``(out_features, r)``.
+        """
+        return self.slice_layout.lora_shapes(self.r, self.in_features)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``weight``/``bias`` as ``nn.Linear`` does and ``lora_A``/``lora_B``.
@@ -119,11 +129,14 @@ class Linear(LoRALayer, nn.Linear):
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
 
+        Per slice: ``scaling * B_i @ A_i`` in its rows, zeros elsewhere, so rows without LoRA
+        merge to ``W`` bit for bit.
+
         Returns:
             The update, transposed to ``(in, out)`` with ``fan_in_fan_out``.
         """
-        dtype = self._merge_dtype()
-        delta = self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # (out, in)
+        layout, dtype = self.slice_layout, self._merge_dtype()
+        delta = layout.delta_weight(self.lora_A, self.lora_B, self.scaling, dtype)  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +153,7 @@ class Linear(LoRALayer, nn.Linear):
                 self.scaling,
                 self.lora_dropout,
                 self.fan_in_fan_out,
-                self._slices,
+                self.slice_layout,
             )
         else:
             weight = self.weight
