@@ -15,7 +15,10 @@ from torch import nn
 from .base import LoRALayer
 
 __all__ = [
+    "ADAPTER_LEAVES",
     "LORA_LEAVES",
+    "MAGNITUDE_LEAF",
+    "layer_leaves",
     "join_key",
     "module_aliases",
     "module_index",
@@ -26,6 +29,17 @@ __all__ = [
 ]
 
 LORA_LEAVES = ("lora_A", "lora_B")
+#: The leaf of a DoRA layer's magnitude vector (stored besides ``lora_A`` / ``lora_B``).
+MAGNITUDE_LEAF = "lora_magnitude"
+#: Every per-layer adapter leaf a file may hold.
+ADAPTER_LEAVES = (*LORA_LEAVES, MAGNITUDE_LEAF)
+
+
+def layer_leaves(layer: LoRALayer) -> tuple[str, ...]:
+    """The adapter leaves ``layer`` holds: ``lora_A``, ``lora_B`` and, with DoRA, the magnitude."""
+    if getattr(layer, "use_dora", False) and layer.r > 0:
+        return ADAPTER_LEAVES
+    return LORA_LEAVES
 
 
 def normalize_key(key: str) -> str:
