@@ -145,6 +145,11 @@ def build_layer(module: nn.Module, config: LoRAConfig, name: str = "module") -> 
         kwargs["lora_dropout"] = config.lora_dropout
     quantized = quantized_lora_class(module, name)
     if quantized is not None:  # a registered quantized linear: see lora_layers.quantized
+        if kwargs.pop("use_dora"):
+            raise ValueError(
+                f"use_dora=True is not supported on the quantized {name!r} "
+                f"({type(module).__name__}); use DoRA on float layers only"
+            )
         return quantized.from_module(module, **kwargs)
     if not is_hf_conv1d(module):
         return cls.from_module(module, **kwargs)

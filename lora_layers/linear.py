@@ -35,13 +35,16 @@ class Linear(LoRALayer, nn.Linear):
         merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
         bias (bool): Whether the layer has a bias.
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora (bool): DoRA: a trainable magnitude ``lora_magnitude`` ``(out_features,)``
+            rescales each output row by ``m / ||W + s B A||`` (see :mod:`lora_layers.dora`).
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
 
     Raises:
-        TypeError: If ``r`` is not an int, or ``lora_alpha``/``lora_dropout`` not numbers.
-        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, or ``lora_dropout``
-            outside ``[0, 1)``.
+        TypeError: If ``r`` is not an int, ``lora_alpha``/``lora_dropout`` not numbers, or
+            ``use_dora`` not a bool.
+        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, ``lora_dropout``
+            outside ``[0, 1)``, or ``use_dora=True`` with ``r=0``.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fan_in_fan_out = bool(fan_in_fan_out)
@@ -64,7 +68,9 @@ class Linear(LoRALayer, nn.Linear):
             # Same values and init as nn.Linear, stored transposed: (in, out).
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
         self._slices = self._enabled_slices()  # ((start, stop), ...) output columns with LoRA
-        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, bool(self._slices))
+        self._setup_lora(
+            r, lora_alpha, lora_dropout, merge_weights, use_rslora, bool(self._slices), use_dora
+        )
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
     def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
@@ -116,6 +122,9 @@ class Linear(LoRALayer, nn.Linear):
         plain._parameters.update(weight=None, bias=None)
         return plain
 
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.fan_in_fan_out else weight  # (out, in)
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
 
@@ -131,6 +140,8 @@ class Linear(LoRALayer, nn.Linear):
         if self._use_merged():
             weight = self.merged_weight
         elif self._lora_active():
+            if self.use_dora:
+                return self._dora_forward(x)
             return lora_linear(
                 x,
                 self.weight,
@@ -145,6 +156,21 @@ class Linear(LoRALayer, nn.Linear):
         else:
             weight = self.weight
         return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA on the LoRA output (see :mod:`lora_layers.dora`), PEFT's way under dropout."""
+        weight, args = self.weight, (self.lora_A, self.lora_B, self.scaling)
+        if not (self.training and self.dropout_p > 0):
+            out = lora_linear(x, weight, self.bias, *args, nn.Identity(), *self._dora_layout())
+            return self.dora_combine(out, self.bias)
+        # As PEFT: the base product of the undropped input, and DoRA's terms on the dropped one.
+        w = weight.t() if self.fan_in_fan_out else weight
+        x_d = self.lora_dropout(x)
+        dropped = lora_linear(x_d, weight, None, *args, nn.Identity(), *self._dora_layout())
+        return self.dora_combine_dropout(F.linear(x, w, self.bias), dropped, F.linear(x_d, w))
+
+    def _dora_layout(self) -> tuple[bool, tuple[tuple[int, int], ...]]:
+        return self.fan_in_fan_out, self._slices
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + ", " + self.lora_extra_repr()
