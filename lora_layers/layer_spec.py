@@ -237,7 +237,7 @@ class LayerSpec:
     @property
     def use_dora(self) -> bool:
         """Whether the layer is DoRA (a ``lora_magnitude`` vector is stored)."""
-        return bool(getattr(self.config, "use_dora", False))
+        return self.config.use_dora
 
     @property
     def dtype(self) -> str:

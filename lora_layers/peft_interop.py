@@ -291,7 +291,7 @@ def _peft_layer(
         use_rslora=bool(config.get("use_rslora", False)),
         merge_weights=False,  # as inject_lora: eval() does not merge; use merge_lora()
         lora_dtype=a.dtype,
-        **({"use_dora": True} if magnitude is not None else {}),  # TEMP until dora merge
+        use_dora=magnitude is not None,
     )
     spec = LayerSpec(kind, in_f, out_f, weight_shape, lora_config, fan_in_fan_out=fif)
     return spec, tensors, problems
