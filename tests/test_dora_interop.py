@@ -261,10 +261,14 @@ def test_fused_export_gives_disabled_rows_their_weight_norm(tmp_path):
     ours = dora_phi3(fused=True)
     export_peft(ours, tmp_path)
     qkv = ours.model.layers[0].self_attn.qkv_proj
-    m = peft_weights(tmp_path)["base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector"]
+    m = peft_weights(tmp_path)[
+        "base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector"
+    ]
 
     assert m.shape == (96,)
-    assert torch.equal(m[:64], qkv.lora_magnitude[:64]) and torch.equal(m[80:], qkv.lora_magnitude[64:])
+    assert torch.equal(m[:64], qkv.lora_magnitude[:64]) and torch.equal(
+        m[80:], qkv.lora_magnitude[64:]
+    )
     assert torch.equal(m[64:80], torch.linalg.norm(qkv.weight[64:80], dim=1))  # k: factor 1
     # PEFT's k rows equal the base's k rows: the disabled slice stays untouched there too.
     x = torch.randn(3, 64)
@@ -346,9 +350,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, kind):
 
 def test_metadata_carries_use_dora_and_the_format_version(tmp_path):
     dora = save_lora(dora_llama(), tmp_path / "dora.safetensors")
-    plain = save_lora(
-        inject_lora(tiny_llama(), LLAMA_TARGETS, r=4), tmp_path / "plain.safetensors"
-    )
+    plain = save_lora(inject_lora(tiny_llama(), LLAMA_TARGETS, r=4), tmp_path / "plain.safetensors")
     with safe_open(str(dora), framework="pt") as f:
         doc = json.loads(f.metadata()[METADATA_KEY])
         keys = set(f.keys())
@@ -361,7 +363,9 @@ def test_metadata_carries_use_dora_and_the_format_version(tmp_path):
     assert doc["format_version"] == 1
     assert all("use_dora" not in spec for spec in doc["modules"].values())
     spec = lora_layers.read_adapter(dora).modules["model.layers.0.self_attn.q_proj"]
-    assert spec.use_dora and spec.config.use_dora and spec.tensor_shapes()["lora_magnitude"] == (64,)
+    assert (
+        spec.use_dora and spec.config.use_dora and spec.tensor_shapes()["lora_magnitude"] == (64,)
+    )
 
 
 def test_a_format_1_file_from_the_previous_version_still_loads(tmp_path):
@@ -487,7 +491,9 @@ def test_peft_magnitudes_without_use_dora_are_refused(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["use_dora"] = False
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterLoadError, match="lora_magnitude_vector but adapter_config.json") as info:
+    with pytest.raises(
+        AdapterLoadError, match="lora_magnitude_vector but adapter_config.json"
+    ) as info:
         import_peft(tiny_llama(), tmp_path)
     assert Q0 in str(info.value) and V1 in str(info.value)
 
