@@ -118,11 +118,12 @@ def lean_row_norms(
     """
     dtype = rows_sq.dtype
     a, b = lora_A.detach().to(dtype), lora_B.detach().to(dtype)
-    w_at = torch.cat([torch.mm(c, a.t()) for c in _row_chunks(rows.detach(), dtype)])  # (n, r)
-    cross = (w_at * b).sum(1)
-    quad = (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
-    squared = rows_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return squared.clamp_min(0.0).sqrt()
+    w_at = [torch.mm(c, a.t()) for c in _row_chunks(rows.detach(), dtype)]
+    w_at = w_at[0] if len(w_at) == 1 else torch.cat(w_at)  # (n, r)
+    # (n, r): 2 s W A^T + s^2 B (A A^T); then row i of B dotted with row i of it, plus ||W_i||^2.
+    inner = torch.addmm(w_at, b, torch.mm(a, a.t()), beta=2.0 * scaling, alpha=scaling * scaling)
+    squared = torch.baddbmm(rows_sq.view(-1, 1, 1), b.unsqueeze(1), inner.unsqueeze(2))
+    return squared.view(-1).clamp_min_(0.0).sqrt_()
 
 
 class DoRAMixin:
@@ -262,7 +263,8 @@ class DoRAMixin:
         """
         self._settle_dora_magnitude()
         norm = self._dora_norm()
-        delta = self.lora_magnitude.to(norm.dtype) / norm - 1.0
+        minus_one = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
+        delta = torch.addcdiv(minus_one, self.lora_magnitude.to(norm.dtype), norm)  # m / n - 1
         slices = self._dora_slices()
         n_rows = self._dora_rows(self.weight).shape[0]
         if slices != ((0, n_rows),):
