@@ -11,6 +11,7 @@ Llama with the same weights (q/k/v split out of ``qkv_proj``), via ``split_fused
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import peft
@@ -24,6 +25,9 @@ import lora_layers
 from lora_layers import (
     AdapterError,
     AdapterLoadError,
+    FusedSpec,
+    LayerSpec,
+    LoRAConfig,
     adapter_from_model,
     export_peft,
     import_peft,
@@ -33,6 +37,7 @@ from lora_layers import (
     split_fused,
 )
 from lora_layers.adapters import METADATA_KEY
+from lora_layers.layer_spec import config_from_json, config_to_json
 from tests.helpers import (
     TOLERANCES,
     fill_all_,
@@ -366,6 +371,31 @@ def test_metadata_carries_use_dora_and_the_format_version(tmp_path):
     assert (
         spec.use_dora and spec.config.use_dora and spec.tensor_shapes()["lora_magnitude"] == (64,)
     )
+
+
+def test_every_lora_config_field_round_trips_through_the_metadata():
+    """One mapping config <-> JSON: every field (the later ones too) set off its default."""
+    config = LoRAConfig(
+        r=3,
+        lora_alpha=5,
+        lora_dropout=0.25,
+        use_rslora=True,
+        merge_weights=True,
+        lora_dtype=torch.bfloat16,
+        fused=FusedSpec((4, 2), (True, False)),
+        use_dora=True,
+    )
+    off_default = {
+        f.name for f in dataclasses.fields(LoRAConfig) if getattr(config, f.name) != f.default
+    }
+    assert off_default == {f.name for f in dataclasses.fields(LoRAConfig)}
+    data = json.loads(json.dumps(config_to_json(config)))
+
+    assert config_from_json(data) == (config, [])
+    spec = LayerSpec("MergedLinear", 8, 6, (6, 8), config)
+    assert LayerSpec.from_json(spec.to_json()) == spec
+    other = dataclasses.replace(spec, config=dataclasses.replace(config, use_dora=False))
+    assert spec.differences(other) == ["use_dora: file True, model False"]
 
 
 def test_a_format_1_file_from_the_previous_version_still_loads(tmp_path):
