@@ -134,11 +134,14 @@ def dora_phi3(fused: bool = True):
 MODELS = {"llama": (dora_llama, tiny_llama), "phi3_qv": (dora_phi3, tiny_phi3)}
 
 
-def sgd_steps(model, steps: int = 3, lr: float = 0.5) -> None:
-    """``steps`` plain SGD steps on the LM loss of :data:`TRAIN_IDS` (training mode)."""
+def sgd_steps(model, steps: int = 3, optimizer: str = "sgd") -> None:
+    """``steps`` SGD (lr 0.5) or AdamW (lr 1e-3) steps on the LM loss of :data:`TRAIN_IDS`."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=0.5)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-3)
     for _ in range(steps):
         opt.zero_grad()
         model(input_ids=TRAIN_IDS, labels=TRAIN_IDS).loss.backward()
@@ -200,8 +203,11 @@ def test_peft_trained_dora_adapter_imports_with_peft_logits(tmp_path, build, tar
 
 
 # --------------------------------------------------------------------------- (b) training
-@pytest.mark.parametrize("kind", ["llama", "phi3_whole_matrix"])
-def test_identical_sgd_steps_end_in_peft_tensors(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "optimizer"),
+    [("llama", "sgd"), ("llama", "adamw"), ("phi3_whole_matrix", "sgd")],
+)
+def test_identical_optimizer_steps_end_in_peft_tensors(tmp_path, kind, optimizer):
     if kind == "llama":
         ours, base = dora_llama(), tiny_llama()
     else:
@@ -209,8 +215,8 @@ def test_identical_sgd_steps_end_in_peft_tensors(tmp_path, kind):
     export_peft(ours, tmp_path / "start")
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "start"), is_trainable=True)
 
-    sgd_steps(ours)
-    sgd_steps(theirs)
+    sgd_steps(ours, optimizer=optimizer)
+    sgd_steps(theirs, optimizer=optimizer)
 
     export_peft(ours, tmp_path / "ours")
     theirs.save_pretrained(str(tmp_path / "theirs"))
@@ -313,6 +319,36 @@ def test_embedding_and_conv_dora_round_trip_through_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids), ours(ids), **TOL)
         assert torch.equal(back(ids), ours(ids))
+
+
+def tiny_gpt2():
+    """A seeded GPT-2: its ``Conv1D`` layers store weights ``(in, out)`` (``fan_in_fan_out``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    config.bos_token_id = config.eos_token_id = 0
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["c_attn_qv", "c_attn_whole"])
+def test_gpt2_conv1d_dora_round_trips_through_peft(tmp_path, fused):
+    layout = {"fused": {"c_attn": "qv"}} if fused else {}
+    targets = ["c_proj"] if fused else ["c_attn", "c_proj"]
+    ours = inject_lora(tiny_gpt2(), targets, r=2, lora_alpha=4, use_dora=True, **layout)
+    torch.manual_seed(1)
+    perturb_magnitudes_(fill_all_(ours))
+    ids = torch.randint(0, 64, (2, 8))
+
+    export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path)).eval()
+    back = tiny_gpt2()
+    import_peft(back, tmp_path)
+
+    want = logits(ours, ids)
+    torch.testing.assert_close(logits(theirs, ids), want, **TOL)
+    torch.testing.assert_close(logits(back, ids), want, **TOL)
+    assert not torch.allclose(logits(tiny_gpt2(), ids), want, **TOL)
 
 
 # --------------------------------------------------------------------------- (d) merge
