@@ -55,8 +55,8 @@ class Adapter:
     """An adapter in memory: tensors by key, and (unless it came from a bare state dict) specs.
 
     Attributes:
-        tensors: ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.bias`` -> tensor, with
-            normalised module names.
+        tensors: ``<module>.lora_A`` / ``lora_B`` / ``lora_magnitude`` (DoRA) / ``bias`` ->
+            tensor, with normalised module names.
         modules: Module name -> :class:`LayerSpec`, or None for a state dict without metadata
             (e.g. loralib's), which can only load into a model that already has LoRA layers.
         biases: Names of modules whose ``bias`` is stored (``<module>.bias``).

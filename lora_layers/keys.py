@@ -1,7 +1,7 @@
 """The key vocabulary of adapters: state-dict keys, module names and their normal form.
 
 An adapter key is ``<module>.<leaf>`` with leaf ``lora_A`` / ``lora_B`` (:data:`LORA_LEAVES`),
-``bias`` or ``weight``. Module names are compared in normal form: without the prefixes that
+``lora_magnitude`` (DoRA layers, :data:`MAGNITUDE_LEAF`), ``bias`` or ``weight``. Module names are compared in normal form: without the prefixes that
 ``torch.compile`` (``_orig_mod.``), DDP (``module.``) and PEFT (``base_model.model.``) add.
 """
 
