@@ -213,6 +213,7 @@ class DoRAMixin:
             use_cache
             and type(weight.data) is torch.Tensor
             and not weight.is_inference()
+            and not torch.is_inference_mode_enabled()  # its result would be an inference tensor
             and not torch.compiler.is_compiling()
             and not transforms_active()
         )
