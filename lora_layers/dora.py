@@ -55,8 +55,16 @@ from torch import nn
 
 from .functional import transforms_active
 
-__all__ = ["DoRAMixin", "check_use_dora", "lean_row_norms", "row_norms_squared"]
+__all__ = [
+    "MAGNITUDE_LEAF",
+    "DoRAMixin",
+    "check_use_dora",
+    "lean_row_norms",
+    "row_norms_squared",
+]
 
+#: The state-dict leaf of the DoRA magnitude: ``<module>.lora_magnitude``.
+MAGNITUDE_LEAF = "lora_magnitude"
 _CHUNK = 1 << 20  # elements of W cast at a time when W is below the norm's precision
 
 
