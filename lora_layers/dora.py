@@ -55,8 +55,16 @@ from torch import nn
 
 from .functional import transforms_active
 
-__all__ = ["DoRAMixin", "check_use_dora", "lean_row_norms", "row_norms_squared"]
+__all__ = [
+    "MAGNITUDE_LEAF",
+    "DoRAMixin",
+    "check_use_dora",
+    "lean_row_norms",
+    "row_norms_squared",
+]
 
+#: The state-dict leaf of the DoRA magnitude: ``<module>.lora_magnitude``.
+MAGNITUDE_LEAF = "lora_magnitude"
 _CHUNK = 1 << 20  # elements of W cast at a time when W is below the norm's precision
 
 
@@ -213,6 +221,7 @@ class DoRAMixin:
             use_cache
             and type(weight.data) is torch.Tensor
             and not weight.is_inference()
+            and not torch.is_inference_mode_enabled()  # its result would be an inference tensor
             and not torch.compiler.is_compiling()
             and not transforms_active()
         )
@@ -256,35 +265,50 @@ class DoRAMixin:
         self._settle_dora_magnitude()
         return self._dora_norm()
 
-    def _dora_delta(self, dtype: torch.dtype) -> torch.Tensor:
-        """``m / ||W + s B A|| - 1`` per output row in ``dtype``; exactly 0 on rows without LoRA.
+    def _dora_factor(self, dtype: torch.dtype, minus_one: bool) -> torch.Tensor:
+        """Per output row in ``dtype``: ``scale = m / ||W + s B A||``, or ``scale - 1``.
 
-        Differentiable in ``lora_magnitude`` only (the norm is detached).
+        Rows without LoRA get exactly 1 (0 with ``minus_one``). Differentiable in
+        ``lora_magnitude`` only (the norm is detached).
         """
         self._settle_dora_magnitude()
         norm = self._dora_norm()
-        minus_one = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
-        delta = torch.addcdiv(minus_one, self.lora_magnitude.to(norm.dtype), norm)  # m / n - 1
+        magnitude = self.lora_magnitude.to(norm.dtype)
+        if minus_one:
+            start = torch.full((), -1.0, dtype=norm.dtype, device=norm.device)
+            factor = torch.addcdiv(start, magnitude, norm)  # m / n - 1 in one op
+        else:
+            factor = magnitude / norm
         slices = self._dora_slices()
         n_rows = self._dora_rows(self.weight).shape[0]
         if slices != ((0, n_rows),):
-            zero = delta.new_zeros(())
+            fill = factor.new_full((), 0.0 if minus_one else 1.0)
             pieces, pos, row = [], 0, 0
             for start, stop in slices:
-                pieces += [zero.expand(start - pos), delta[row : row + stop - start]]
+                pieces += [fill.expand(start - pos), factor[row : row + stop - start]]
                 pos, row = stop, row + stop - start
-            delta = torch.cat([*pieces, zero.expand(n_rows - pos)])
-        return self._dora_view(delta.to(dtype))
+            factor = torch.cat([*pieces, fill.expand(n_rows - pos)])
+        return self._dora_view(factor.to(dtype))
 
     # ------------------------------------------------------------------ forward pieces
     def dora_combine(self, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """DoRA's output from the plain LoRA output ``out = x W^T + s x A^T B^T + b``.
+        """DoRA's output ``scale * (out - b) + b`` from the plain LoRA output ``out``.
 
-        Returns ``out + (out - b) * (scale - 1)``, i.e. ``scale * (out - b) + b``: the form
-        that keeps ``scale - 1`` (small) in full precision in low-precision outputs and
-        leaves rows without LoRA bit-identical (their ``scale - 1`` is exactly 0).
+        ``out = x W^T + s x A^T B^T + b``. In float32 / float64 this is
+        ``out * scale + b * (1 - scale)``: one pass over ``out`` forward, one (plus the
+        magnitude's reduction) backward. In lower precisions ``scale`` itself would be
+        rounded (bfloat16 keeps 8 bits: steps of 0.4 % near 1), so there it is
+        ``out + (out - b) * (scale - 1)``, which keeps ``scale - 1`` at full relative
+        precision. Either way rows without LoRA are bit-identical to ``out`` (their scale is
+        exactly 1).
         """
-        delta = self._dora_delta(out.dtype)
+        if out.dtype in (torch.float32, torch.float64):
+            scale = self._dora_factor(out.dtype, minus_one=False)
+            if bias is None:
+                return out * scale
+            b = self._dora_view(bias.to(out.dtype))
+            return torch.addcmul(torch.addcmul(b, b, scale, value=-1.0), out, scale)
+        delta = self._dora_factor(out.dtype, minus_one=True)
         unbiased = out if bias is None else out - self._dora_view(bias.to(out.dtype))
         return torch.addcmul(out, unbiased, delta)
 
@@ -302,7 +326,7 @@ class DoRAMixin:
             ``base + (scale - 1) x_d W^T + scale s x_d A^T B^T``, computed as
             ``base + (dropped - dropped_base) + (scale - 1) * dropped``.
         """
-        delta = self._dora_delta(dropped.dtype)
+        delta = self._dora_factor(dropped.dtype, minus_one=True)
         return torch.addcmul(base + (dropped - dropped_base), dropped, delta)
 
     # ------------------------------------------------------------------ merge

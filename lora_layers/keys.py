@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .base import LoRALayer
+from .dora import MAGNITUDE_LEAF  # the leaf of a DoRA layer's magnitude, re-exported here
 
 __all__ = [
     "ADAPTER_LEAVES",
@@ -29,8 +30,6 @@ __all__ = [
 ]
 
 LORA_LEAVES = ("lora_A", "lora_B")
-#: The leaf of a DoRA layer's magnitude vector (stored besides ``lora_A`` / ``lora_B``).
-MAGNITUDE_LEAF = "lora_magnitude"
 #: Every per-layer adapter leaf a file may hold.
 ADAPTER_LEAVES = (*LORA_LEAVES, MAGNITUDE_LEAF)
 

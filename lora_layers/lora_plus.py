@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from .conv import Conv1d, Conv2d, Conv3d
+from .dora import MAGNITUDE_LEAF
 from .embedding import Embedding
 
 __all__ = ["lora_plus_param_groups"]
@@ -139,7 +140,7 @@ def lora_plus_param_groups(
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = modules[owner_name]
-        if attr == "lora_magnitude":  # DoRA: where PEFT's lora_magnitude_vector lands
+        if attr == MAGNITUDE_LEAF:  # DoRA: where PEFT's lora_magnitude_vector lands
             conv = isinstance(owner, (Conv1d, Conv2d, Conv3d))
             groups["lora_A" if conv else "lora_B"].append(param)
         elif isinstance(owner, Embedding) and owner.r > 0:

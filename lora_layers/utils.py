@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import LoRALayer
+from .dora import MAGNITUDE_LEAF
 
 __all__ = [
     "BIAS_MODES",
@@ -48,7 +49,7 @@ def _lora_param_names(model: nn.Module, bias: str) -> list[str]:
         prefix = f"{name}." if name else ""
         names += [prefix + "lora_A", prefix + "lora_B"]
         if module.use_dora:  # DoRA's magnitude trains and is saved with the adapter
-            names.append(prefix + "lora_magnitude")
+            names.append(prefix + MAGNITUDE_LEAF)
         if bias == "lora_only" and module.bias is not None:
             names.append(prefix + "bias")
     if bias == "all":

@@ -270,6 +270,39 @@ def test_training_with_dropout_equals_peft_seeded_alike(name):
         assert_close(g_o, g_p.reshape(g_o.shape))
 
 
+def test_gpt2_conv1d_fan_in_fan_out_equals_peft():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = nn.Sequential(Conv1D(10, 12)).double()  # weight (in, out) = (12, 10)
+    config = peft.LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=["0"],
+        use_dora=True,
+        init_lora_weights=False,
+        fan_in_fan_out=True,
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).base_model.model[0]
+    with torch.no_grad():
+        theirs.lora_magnitude_vector["default"].weight.mul_(0.9)
+    lora_layers.inject_lora(base, ["0"], r=3, lora_alpha=6, use_dora=True)
+    ours = base[0]
+    assert ours.fan_in_fan_out
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        ours.lora_magnitude.copy_(theirs.lora_magnitude_vector["default"].weight)
+    x = torch.randn(2, 4, 12, dtype=torch.float64)
+    out_p, grads_p = outputs_and_grads(theirs.train(), x, peft_params(theirs, "fc"))
+    out_o, grads_o = outputs_and_grads(
+        ours.train(), x, [ours.lora_A, ours.lora_B, ours.lora_magnitude]
+    )
+    assert_close(out_o, out_p)
+    for g_o, g_p in zip(grads_o, grads_p, strict=True):
+        assert_close(g_o, g_p)
+
+
 def test_dropout_formula_against_a_hand_reference_with_its_mask():
     layer, x = make("linear", torch.float64, lora_dropout=0.5)
     x = x.double()
@@ -505,3 +538,32 @@ def test_use_dora_without_rank_is_a_value_error():
 def test_dora_weight_norm_of_a_layer_without_dora_raises():
     with pytest.raises(ValueError, match="has no DoRA"):
         lora_layers.Linear(4, 4, r=2).dora_weight_norm()
+
+
+class _Int8Rows(nn.Module):
+    """A toy quantized linear (int8 rows, one fp32 scale each), registered for one test."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.weight = self.qweight
+
+    def forward(self, x):
+        return F.linear(x, self.qweight.float() * self.scale)
+
+
+class _LoRAInt8Rows(lora_layers.QuantizedLoRALinear):
+    def dequantize(self):
+        return self.base_layer.qweight.float() * self.base_layer.scale
+
+
+def test_use_dora_on_a_quantized_base_is_refused_by_name(monkeypatch):
+    monkeypatch.setitem(lora_layers.QUANTIZED_LINEARS, _Int8Rows, _LoRAInt8Rows)
+    model = nn.Sequential(_Int8Rows(torch.randn(6, 8)))
+    with pytest.raises(ValueError, match="use_dora=True is not supported on the quantized '0'"):
+        lora_layers.inject_lora(model, "all-linear", r=2, use_dora=True)
+    lora_layers.inject_lora(model, "all-linear", r=2)  # plain LoRA still works
+    assert model[0].use_dora is False
