@@ -106,12 +106,16 @@ def _peft_magnitude(layer: nn.Module, m: torch.Tensor) -> torch.Tensor:
     PEFT's DoRA scales every row of the fused matrix by ``m / ||W + s B A||``. A disabled
     slice's rows have zero ``B``, so their norm is ``||W_row||`` exactly; giving them
     ``m = ||W_row||``, computed as PEFT computes it, makes the factor exactly 1 and their
-    output the base output, as in the lora_layers layer.
+    output the base output, as in the lora_layers layer. PEFT computes that norm in the
+    adapter's dtype, which its default loading (``autocast_adapter_dtype``) makes float32
+    for float16 / bfloat16 adapters, so the vector is written in float32 (float64 for a
+    float64 adapter): a rounded ``||W_row||`` would not divide to exactly 1.
     """
-    weight = _dense_weight(layer)
-    full = torch.linalg.norm(weight, dim=1).to(weight.dtype).to(m.dtype)
+    dtype = torch.promote_types(m.dtype, torch.float32)
+    weight = _dense_weight(layer).to(dtype)
+    full = torch.linalg.norm(weight, dim=1).to(dtype)
     for out, _, b_rows in layer.slice_layout.blocks(layer.r):
-        full[out] = m[b_rows]
+        full[out] = m[b_rows].to(dtype)
     return full
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .adapter_format import (
+    DTYPES,
     Adapter,
     AdapterError,
     LayerSpec,
@@ -227,7 +228,7 @@ def _peft_rank_problems(name: str, r: int, config: dict[str, Any]) -> list[str]:
 
 
 def _peft_magnitude(
-    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], out_f: int
+    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], out_f: int, a_dtype
 ) -> tuple[torch.Tensor | None, list[str]]:
     """The module's DoRA magnitude as ``(out,)`` (PEFT's conv one is ``(1, out, 1, ...)``)."""
     m, dora = parts.get("M"), bool(config.get("use_dora", False))
@@ -239,6 +240,8 @@ def _peft_magnitude(
         return None, [f"{name}: {why}"]
     if m is not None and m.dim() > 1 and m.numel() == out_f and m.shape[1] == out_f:
         m = m.reshape(out_f)  # a convolution's (1, out_channels, 1, ...)
+    if m is not None and m.dtype != a_dtype and {m.dtype, a_dtype} <= set(DTYPES):
+        m = m.to(a_dtype)  # one LoRA dtype per layer (export_peft writes fused ones in fp32)
     return m, []
 
 
@@ -275,7 +278,7 @@ def _peft_layer(
     else:
         why = f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has"
         return None, {"lora_A": a, "lora_B": b}, [*problems, why]
-    magnitude, bad = _peft_magnitude(name, parts, config, out_f)
+    magnitude, bad = _peft_magnitude(name, parts, config, out_f, a.dtype)
     tensors = {"lora_A": a, "lora_B": b}
     if magnitude is not None:
         tensors[MAGNITUDE_LEAF] = magnitude

@@ -268,25 +268,29 @@ def test_dora_exports_load_in_peft_with_our_logits(tmp_path, kind):
     assert not torch.allclose(logits(ours), logits(base()), **TOL)
 
 
-def test_fused_export_gives_disabled_rows_their_weight_norm(tmp_path):
-    ours = dora_phi3(fused=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_export_gives_disabled_rows_their_weight_norm(tmp_path, dtype):
+    ours = perturb_magnitudes_(
+        lora_tiny_phi3(["o_proj"], fused={"qkv_proj": "qv"}, use_dora=True, dtype=dtype)
+    )
     export_peft(ours, tmp_path)
     qkv = ours.model.layers[0].self_attn.qkv_proj
-    m = peft_weights(tmp_path)[
-        "base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector"
-    ]
+    key = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector"
+    m = peft_weights(tmp_path)[key]
 
-    assert m.shape == (96,)
-    assert torch.equal(m[:64], qkv.lora_magnitude[:64]) and torch.equal(
-        m[80:], qkv.lora_magnitude[64:]
-    )
-    assert torch.equal(m[64:80], torch.linalg.norm(qkv.weight[64:80], dim=1))  # k: factor 1
-    # PEFT's k rows equal the base's k rows: the disabled slice stays untouched there too.
-    x = torch.randn(3, 64)
-    theirs = peft.PeftModel.from_pretrained(tiny_phi3(), str(tmp_path))
+    # float32 even for a bf16 adapter: PEFT takes the norm in float32 (autocast_adapter_dtype)
+    assert m.shape == (96,) and m.dtype == torch.float32
+    assert torch.equal(m[:64], qkv.lora_magnitude[:64].float())
+    assert torch.equal(m[80:], qkv.lora_magnitude[64:].float())
+    assert torch.equal(m[64:80], torch.linalg.norm(qkv.weight[64:80].float(), dim=1))
+    # PEFT's k rows are exactly the base's k rows (factor m / ||W_k|| == 1), as ours are.
+    x = torch.randn(3, 64, dtype=dtype)
+    theirs = peft.PeftModel.from_pretrained(tiny_phi3(dtype=dtype), str(tmp_path))
     peft_qkv = theirs.base_model.model.model.layers[0].self_attn.qkv_proj
     with torch.no_grad():
-        torch.testing.assert_close(peft_qkv(x)[:, 64:80], x @ qkv.weight[64:80].T, **TOL)
+        base_k = torch.nn.functional.linear(x, qkv.weight)[:, 64:80]
+        assert torch.equal(peft_qkv(x)[:, 64:80], base_k)
+        assert torch.equal(qkv(x)[:, 64:80], base_k)
 
 
 class SmallNet(torch.nn.Module):
