@@ -41,6 +41,7 @@ __all__ = [
     "AdapterError",
     "LayerSpec",
     "adapter_from_model",
+    "dora_magnitude",
     "dtype_from_name",
     "dtype_name",
     "full_tensor",
@@ -191,6 +192,19 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def dora_magnitude(layer: nn.Module) -> torch.Tensor:
+    """A DoRA layer's ``lora_magnitude`` as it will be used, for saving (detached, whole).
+
+    A magnitude still *pending* (created on the meta device and never run or loaded: its
+    memory is not yet the norm, see :mod:`lora_layers.dora`) is first computed from ``W``
+    exactly as the first forward would (``dora_weight_norm()`` settles it), so a file never
+    holds uninitialised memory. Sharded (FSDP2) layers are saved as they are.
+    """
+    if type(layer.weight).__name__ != "DTensor":
+        layer.dora_weight_norm()  # settles a pending magnitude; a no-op otherwise
+    return full_tensor(layer.lora_magnitude.detach())
+
+
 def adapter_from_model(model: nn.Module, bias: str = "none") -> Adapter:
     """Collect a model's adapter: every LoRA layer's spec and tensors (and biases per ``bias``).
 
@@ -218,8 +232,7 @@ def adapter_from_model(model: nn.Module, bias: str = "none") -> Adapter:
         tensors[join_key(name, "lora_A")] = full_tensor(layer.lora_A.detach())
         tensors[join_key(name, "lora_B")] = full_tensor(layer.lora_B.detach())
         if modules[name].use_dora:
-            magnitude = full_tensor(layer.lora_magnitude.detach())
-            tensors[join_key(name, MAGNITUDE_LEAF)] = magnitude
+            tensors[join_key(name, MAGNITUDE_LEAF)] = dora_magnitude(layer)
     if not modules:
         raise AdapterError("the model has no LoRA layer with r > 0; nothing to save")
     biases = []

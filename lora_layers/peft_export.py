@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapter_format import (
     AdapterError,
+    dora_magnitude,
     full_tensor,
 )
 from .adapter_io import (
@@ -123,11 +124,7 @@ def _peft_tensors(name: str, layer: nn.Module) -> tuple[dict[str, torch.Tensor],
     """One layer's PEFT tensors, its number of fused slices, and why PEFT cannot hold it."""
     kind = layer_kind(layer)
     a, b = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
-    m = (
-        full_tensor(layer.lora_magnitude.detach())
-        if MAGNITUDE_LEAF in layer_leaves(layer)
-        else None
-    )
+    m = dora_magnitude(layer) if MAGNITUDE_LEAF in layer_leaves(layer) else None
     n_slices, problems = 1, []
     if kind == "MergedLinear":
         blocks = layer.slice_layout.blocks(layer.r)

@@ -413,6 +413,27 @@ def test_metadata_carries_use_dora_and_the_format_version(tmp_path):
     )
 
 
+def test_a_meta_initialised_dora_model_saved_before_any_forward_stores_real_magnitudes(
+    tmp_path,
+):
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    inject_lora(model, ["0"], r=2, use_dora=True)
+    model.to_empty(device="cpu")  # W and the magnitude are uninitialised memory now
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(6, 8))
+        model[0].bias.zero_()
+    want = torch.linalg.norm(model[0].weight, dim=1)  # B = 0: what a first forward would use
+
+    saved = lora_layers.read_adapter(save_lora(model, tmp_path / "a.safetensors"))
+    export_peft(model, tmp_path / "peft")
+
+    torch.testing.assert_close(saved.tensors["0.lora_magnitude"], want, **TOL)
+    peft_m = peft_weights(tmp_path / "peft")["base_model.model.0.lora_magnitude_vector"]
+    torch.testing.assert_close(peft_m, want, **TOL)
+
+
 def test_every_lora_config_field_round_trips_through_the_metadata():
     """One mapping config <-> JSON: every field (the later ones too) set off its default."""
     config = LoRAConfig(
