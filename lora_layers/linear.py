@@ -14,6 +14,8 @@ from .functional import lora_linear
 
 __all__ = ["Linear"]
 
+_NO_DROPOUT = nn.Identity()  # the dropout DoRA's dropped branch passes on (already applied)
+
 
 class Linear(LoRALayer, nn.Linear):
     r"""``nn.Linear`` with a trainable low-rank update.
@@ -159,18 +161,16 @@ class Linear(LoRALayer, nn.Linear):
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """DoRA on the LoRA output (see :mod:`lora_layers.dora`), PEFT's way under dropout."""
-        weight, args = self.weight, (self.lora_A, self.lora_B, self.scaling)
+        args = (self.lora_A, self.lora_B, self.scaling)
+        layout = (self.fan_in_fan_out, self._slices)
         if not (self.training and self.dropout_p > 0):
-            out = lora_linear(x, weight, self.bias, *args, nn.Identity(), *self._dora_layout())
+            out = lora_linear(x, self.weight, self.bias, *args, self.lora_dropout, *layout)
             return self.dora_combine(out, self.bias)
         # As PEFT: the base product of the undropped input, and DoRA's terms on the dropped one.
-        w = weight.t() if self.fan_in_fan_out else weight
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
         x_d = self.lora_dropout(x)
-        dropped = lora_linear(x_d, weight, None, *args, nn.Identity(), *self._dora_layout())
+        dropped = lora_linear(x_d, self.weight, None, *args, _NO_DROPOUT, *layout)
         return self.dora_combine_dropout(F.linear(x, w, self.bias), dropped, F.linear(x_d, w))
-
-    def _dora_layout(self) -> tuple[bool, tuple[tuple[int, int], ...]]:
-        return self.fan_in_fan_out, self._slices
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + ", " + self.lora_extra_repr()
