@@ -30,6 +30,7 @@ from lora_layers import (
     LoRAConfig,
     adapter_from_model,
     export_peft,
+    fuse_separate,
     import_peft,
     inject_lora,
     load_lora,
@@ -38,6 +39,7 @@ from lora_layers import (
 )
 from lora_layers.adapters import METADATA_KEY
 from lora_layers.layer_spec import config_from_json, config_to_json
+from lora_layers.peft_interop import read_peft
 from tests.helpers import (
     TOLERANCES,
     fill_all_,
@@ -200,6 +202,23 @@ def test_peft_trained_dora_adapter_imports_with_peft_logits(tmp_path, build, tar
     for _, layer in lora_layers.lora_modules(ours):
         layer.reset_dora_magnitude()
     assert not torch.allclose(logits(ours), logits(theirs), **TOL)
+
+
+def test_peft_q_and_v_dora_adapter_loads_into_phi3_fused_qkv_with_peft_logits(tmp_path):
+    """PEFT's DoRA on a Llama's q_proj / v_proj becomes per-slice DoRA on Phi-3's qkv_proj."""
+    theirs = train_peft_dora(llama_like_phi3(), ["q_proj", "v_proj", "o_proj"], tmp_path)
+    separate = read_peft(tmp_path)
+    fused = fuse_separate(separate, split_sizes={"qkv_proj": (64, 16, 16)})
+    ours = tiny_phi3()
+
+    load_lora(ours, fused)
+
+    qkv = ours.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, lora_layers.MergedLinear) and qkv.use_dora
+    assert qkv.enable_lora == (True, False, True) and qkv.lora_magnitude.shape == (80,)
+    for mode in ("train", "eval"):
+        getattr(ours, mode)(), getattr(theirs, mode)()
+        torch.testing.assert_close(logits(ours), logits(theirs), **TOL)
 
 
 # --------------------------------------------------------------------------- (b) training
