@@ -587,7 +587,11 @@ def test_bad_use_dora_value_in_metadata_is_refused(tmp_path):
 
 
 def test_bare_state_dict_magnitudes_are_checked_against_the_layers():
-    dora = lora_layers.lora_state_dict(dora_llama())
+    source = dora_llama()
+    dora = lora_layers.lora_state_dict(source)
+    target = perturb_magnitudes_(dora_llama(), seed=5)
+    lora_layers.load_lora_state_dict(target, dora)  # DoRA layers: magnitudes load too
+    assert torch.equal(logits(target), logits(source))
     plain_model = inject_lora(tiny_llama(), LLAMA_TARGETS, r=4, lora_alpha=8)
     with pytest.raises(AdapterLoadError, match=f"{Q0}.*is not a DoRA layer"):
         lora_layers.load_lora_state_dict(plain_model, dora)
