@@ -168,10 +168,22 @@ class DoRAMixin:
     def _dora_parameters(self) -> tuple[nn.Parameter, ...]:
         return (self.lora_magnitude,) if self._has_dora() else ()
 
-    def _dora_slices(self) -> tuple[tuple[int, int], ...]:
-        """``(start, stop)`` of the rows with LoRA (all rows unless the layer has slices)."""
-        slices = getattr(self, "_slices", None)
-        return slices if slices is not None else ((0, self.lora_B.shape[0]),)
+    def _dora_blocks(self) -> tuple[tuple[slice, slice, slice], ...]:
+        """Per LoRA slice: its output rows, its rows of ``lora_A`` and of ``lora_B``.
+
+        A layer with a ``slice_layout`` (``Linear`` / ``MergedLinear``) reads it there; any
+        other layer has one slice: all its rows.
+        """
+        layout = getattr(self, "slice_layout", None)
+        if layout is not None:
+            return layout.blocks(self.r)
+        rows = self.lora_B.shape[0]
+        return ((slice(0, rows), slice(0, self.r), slice(0, rows)),)
+
+    def _dora_is_whole(self) -> bool:
+        """Whether every output row has LoRA (no disabled slice)."""
+        layout = getattr(self, "slice_layout", None)
+        return layout is None or layout.is_whole
 
     def _init_dora_magnitude(self, device: torch.device, dtype: torch.dtype) -> None:
         """Create ``lora_magnitude`` (set by the following ``reset_lora_parameters``)."""
@@ -241,14 +253,12 @@ class DoRAMixin:
         with torch.no_grad():
             rows = self._dora_rows(self.weight.detach())
             rows_sq = self._weight_rows_squared(rows, dtype, use_cache)
-            r, parts, b_row = self.r, [], 0
-            for i, (start, stop) in enumerate(self._dora_slices()):
-                a_i = self.lora_A[i * r : (i + 1) * r]
-                b_i = self.lora_B[b_row : b_row + stop - start]
-                parts.append(
-                    lean_row_norms(rows[start:stop], rows_sq[start:stop], a_i, b_i, self.scaling)
+            parts = [
+                lean_row_norms(
+                    rows[out], rows_sq[out], self.lora_A[a], self.lora_B[b], self.scaling
                 )
-                b_row += stop - start
+                for out, a, b in self._dora_blocks()
+            ]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def dora_weight_norm(self) -> torch.Tensor:
@@ -279,14 +289,13 @@ class DoRAMixin:
             factor = torch.addcdiv(start, magnitude, norm)  # m / n - 1 in one op
         else:
             factor = magnitude / norm
-        slices = self._dora_slices()
-        n_rows = self._dora_rows(self.weight).shape[0]
-        if slices != ((0, n_rows),):
+        if not self._dora_is_whole():  # rows without LoRA: exactly 1 (0 with minus_one)
+            n_rows = self._dora_rows(self.weight).shape[0]
             fill = factor.new_full((), 0.0 if minus_one else 1.0)
-            pieces, pos, row = [], 0, 0
-            for start, stop in slices:
-                pieces += [fill.expand(start - pos), factor[row : row + stop - start]]
-                pos, row = stop, row + stop - start
+            pieces, pos = [], 0
+            for out, _, b in self._dora_blocks():
+                pieces += [fill.expand(out.start - pos), factor[b]]
+                pos = out.stop
             factor = torch.cat([*pieces, fill.expand(n_rows - pos)])
         return self._dora_view(factor.to(dtype))
 
@@ -341,9 +350,7 @@ class DoRAMixin:
         self._settle_dora_magnitude()
         rows = self._dora_rows(merged)
         magnitude = self.lora_magnitude.detach().to(merged.dtype)
-        b_row = 0
-        for start, stop in self._dora_slices():
-            block = rows[start:stop]
+        for out, _, b in self._dora_blocks():
+            block = rows[out]
             norm = torch.linalg.vector_norm(block, dim=1, keepdim=True)
-            block.mul_(magnitude[b_row : b_row + stop - start].unsqueeze(1) / norm)
-            b_row += stop - start
+            block.mul_(magnitude[b].unsqueeze(1) / norm)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LoRALayer
+from .config import SliceLayout
 from .functional import lora_linear
 
 __all__ = ["Linear"]
@@ -41,12 +42,15 @@ class Linear(LoRALayer, nn.Linear):
             rescales each output row by ``m / ||W + s B A||`` (see :mod:`lora_layers.dora`).
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
+        slice_layout (SliceLayout | None): The output slices that get LoRA (default: one
+            slice over every output); :class:`~lora_layers.MergedLinear` passes its own.
 
     Raises:
         TypeError: If ``r`` is not an int, ``lora_alpha``/``lora_dropout`` not numbers, or
             ``use_dora`` not a bool.
         ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, ``lora_dropout``
-            outside ``[0, 1)``, or ``use_dora=True`` with ``r=0``.
+            outside ``[0, 1)``, ``slice_layout`` is for another output size, or
+            ``use_dora=True`` with ``r=0``.
     """
 
     def __init__(
@@ -62,27 +66,32 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        slice_layout: SliceLayout | None = None,
         use_dora: bool = False,
     ) -> None:
+        layout = slice_layout or SliceLayout.whole(out_features)
+        if layout.out_features != out_features:
+            raise ValueError(f"{layout} is for {layout.out_features} outputs, not {out_features}")
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if self.fan_in_fan_out:
             # Same values and init as nn.Linear, stored transposed: (in, out).
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
-        self._slices = self._enabled_slices()  # ((start, stop), ...) output columns with LoRA
-        self._setup_lora(
-            r, lora_alpha, lora_dropout, merge_weights, use_rslora, bool(self._slices), use_dora
-        )
+        self.slice_layout = layout  # output rows with LoRA; their blocks of lora_A / lora_B
+        active = bool(layout.out_slices)
+        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, active, use_dora)
+        layout.blocks(self.r)  # computed now: forwards (and torch.compile traces) only read it
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
-
-    def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
-        return ((0, self.out_features),)
 
     wraps = nn.Linear
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``lora_A``: ``(r, in_features)``; ``lora_B``: ``(out_features, r)``."""
-        return (self.r, self.in_features), (self.out_features, self.r)
+        """``lora_A``: ``(r * n_slices, in_features)``; ``lora_B``: ``(slice rows, r)``.
+
+        One slice (a plain ``Linear``): ``(r, in_features)`` and ``(out_features, r)``.
+        """
+        return self.slice_layout.lora_shapes(self.r, self.in_features)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``weight``/``bias`` as ``nn.Linear`` does and ``lora_A``/``lora_B``.
@@ -130,11 +139,14 @@ class Linear(LoRALayer, nn.Linear):
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
 
+        Per slice: ``scaling * B_i @ A_i`` in its rows, zeros elsewhere, so rows without LoRA
+        merge to ``W`` bit for bit.
+
         Returns:
             The update, transposed to ``(in, out)`` with ``fan_in_fan_out``.
         """
-        dtype = self._merge_dtype()
-        delta = self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # (out, in)
+        layout, dtype = self.slice_layout, self._merge_dtype()
+        delta = layout.delta_weight(self.lora_A, self.lora_B, self.scaling, dtype)  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +165,7 @@ class Linear(LoRALayer, nn.Linear):
                 self.scaling,
                 self.lora_dropout,
                 self.fan_in_fan_out,
-                self._slices,
+                self.slice_layout,
             )
         else:
             weight = self.weight
@@ -162,7 +174,7 @@ class Linear(LoRALayer, nn.Linear):
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """DoRA on the LoRA output (see :mod:`lora_layers.dora`), PEFT's way under dropout."""
         args = (self.lora_A, self.lora_B, self.scaling)
-        layout = (self.fan_in_fan_out, self._slices)
+        layout = (self.fan_in_fan_out, self.slice_layout)
         if not (self.training and self.dropout_p > 0):
             out = lora_linear(x, self.weight, self.bias, *args, self.lora_dropout, *layout)
             return self.dora_combine(out, self.bias)

@@ -46,7 +46,7 @@ def dora_rows(layer) -> torch.Tensor:
     """The dense DoRA weight as rows, in fp32 (fp64 for fp64), written out in full."""
     w = up(rows_of(layer, layer.weight.detach()))
     a, b, m = up(layer.lora_A.detach()), up(layer.lora_B.detach()), up(layer.lora_magnitude)
-    slices = getattr(layer, "_slices", ((0, w.shape[0]),))
+    slices = layer.slice_layout.out_slices if hasattr(layer, "slice_layout") else ((0, len(w)),)
     out, r, b_row = w.clone(), layer.r, 0
     for i, (start, stop) in enumerate(slices):
         v = w[start:stop] + layer.scaling * (
@@ -379,7 +379,7 @@ def test_merge_goes_stale_when_the_magnitude_changes():
 def test_lean_norm_equals_dense_norm_fp64(kind):
     layer, _ = make(kind, torch.float64)
     w = rows_of(layer, layer.weight.detach())
-    slices = getattr(layer, "_slices", ((0, w.shape[0]),))
+    slices = layer.slice_layout.out_slices if hasattr(layer, "slice_layout") else ((0, len(w)),)
     dense, r, b_row = [], layer.r, 0
     for i, (start, stop) in enumerate(slices):
         b_i = layer.lora_B[b_row : b_row + stop - start]
