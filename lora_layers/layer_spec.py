@@ -265,8 +265,7 @@ class LayerSpec:
         """Shapes of ``lora_A`` and ``lora_B`` implied by this spec."""
         if self.layer == "MergedLinear":
             layout = SliceLayout.of(self.split_sizes, self.enable_lora)
-            n_enabled = len(layout.out_slices)
-            return (self.r * n_enabled, self.in_features), (layout.b_rows, self.r)
+            return layout.lora_shapes(self.r, self.in_features)
         if self.layer in CONV_DIMS:
             return (self.r, math.prod(self.weight_shape[1:])), (self.out_features, self.r)
         return (self.r, self.in_features), (self.out_features, self.r)
