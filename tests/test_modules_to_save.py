@@ -220,6 +220,10 @@ def test_save_load_round_trip_is_bit_identical_with_buffers(tmp_path):
     saved_keys = {k for k in stored if k.startswith("head.")}
     assert saved_keys == {f"head.{k}" for k in model.head.state_dict()}  # buffers included
     assert stored["head.0.num_batches_tracked"].item() == 3
+    with safe_open(str(path), framework="pt") as f:
+        doc = json.loads(f.metadata()["lora_layers.adapter"])
+    assert doc["format_version"] == 2  # version 1 readers refuse it: they would drop the head
+    assert doc["modules_to_save"]["head"] == list(model.head.state_dict())
 
     fresh = toy_base()
     report = load_lora(fresh, path)
