@@ -210,6 +210,7 @@ class LoRAConfig:
         merge_weights: Merge on ``eval()`` / unmerge on ``train()`` (loralib's contract).
         lora_dtype: Dtype of ``lora_A`` / ``lora_B`` (None: the base weight's).
         fused: Slices of a fused projection (None: one update over the whole output).
+        use_dora: DoRA: a trainable per-row magnitude (see :mod:`lora_layers.dora`).
 
     Raises:
         TypeError, ValueError: For invalid ``r`` / ``lora_alpha`` / ``lora_dropout`` /
@@ -223,6 +224,7 @@ class LoRAConfig:
     merge_weights: bool = False
     lora_dtype: torch.dtype | None = None
     fused: FusedSpec | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_lora_args(self.r, self.lora_alpha, self.lora_dropout)
@@ -230,6 +232,8 @@ class LoRAConfig:
             raise TypeError(f"lora_dtype must be a torch.dtype or None, got {self.lora_dtype!r}")
         if self.fused is not None and not isinstance(self.fused, FusedSpec):
             raise TypeError(f"fused must be a FusedSpec or None, got {self.fused!r}")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {self.use_dora!r}")
 
     @property
     def scaling(self) -> float:
@@ -244,6 +248,7 @@ class LoRAConfig:
             "merge_weights": self.merge_weights,
             "use_rslora": self.use_rslora,
             "lora_dtype": self.lora_dtype,
+            "use_dora": self.use_dora,
         }
 
     @classmethod
@@ -268,6 +273,7 @@ class LoRAConfig:
             merge_weights=layer.merge_weights,
             lora_dtype=None if lora_dtype == layer.weight.dtype else lora_dtype,
             fused=fused,
+            use_dora=bool(getattr(layer, "use_dora", False)),
         )
 
 

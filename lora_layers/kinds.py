@@ -244,6 +244,11 @@ def build_layer(module: nn.Module, config: LoRAConfig, name: str = "module") -> 
         kwargs.update(enable_lora=config.fused.enable_lora, split_sizes=config.fused.split_sizes)
     if cls is not Embedding:
         kwargs["lora_dropout"] = config.lora_dropout
+    if cls not in _NAME_OF and kwargs.pop("use_dora"):  # a registered quantized class
+        raise ValueError(
+            f"use_dora=True is not supported on the quantized {name!r} "
+            f"({type(module).__name__}); use DoRA on float layers only"
+        )
     if not is_hf_conv1d(module):
         return cls.from_module(module, **kwargs)
     in_features, out_size = module.weight.shape  # Conv1D stores its weight (in, out)

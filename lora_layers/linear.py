@@ -15,6 +15,8 @@ from .functional import lora_linear
 
 __all__ = ["Linear"]
 
+_NO_DROPOUT = nn.Identity()  # the dropout DoRA's dropped branch passes on (already applied)
+
 
 class Linear(LoRALayer, nn.Linear):
     r"""``nn.Linear`` with a trainable low-rank update.
@@ -36,15 +38,19 @@ class Linear(LoRALayer, nn.Linear):
         merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
         bias (bool): Whether the layer has a bias.
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora (bool): DoRA: a trainable magnitude ``lora_magnitude`` ``(out_features,)``
+            rescales each output row by ``m / ||W + s B A||`` (see :mod:`lora_layers.dora`).
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
         slice_layout (SliceLayout | None): The output slices that get LoRA (default: one
             slice over every output); :class:`~lora_layers.MergedLinear` passes its own.
 
     Raises:
-        TypeError: If ``r`` is not an int, or ``lora_alpha``/``lora_dropout`` not numbers.
+        TypeError: If ``r`` is not an int, ``lora_alpha``/``lora_dropout`` not numbers, or
+            ``use_dora`` not a bool.
         ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, ``lora_dropout``
-            outside ``[0, 1)``, or ``slice_layout`` is for another output size.
+            outside ``[0, 1)``, ``slice_layout`` is for another output size, or
+            ``use_dora=True`` with ``r=0``.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class Linear(LoRALayer, nn.Linear):
         dtype: torch.dtype | None = None,
         *,
         slice_layout: SliceLayout | None = None,
+        use_dora: bool = False,
     ) -> None:
         layout = slice_layout or SliceLayout.whole(out_features)
         if layout.out_features != out_features:
@@ -73,7 +80,7 @@ class Linear(LoRALayer, nn.Linear):
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
         self.slice_layout = layout  # output rows with LoRA; their blocks of lora_A / lora_B
         active = bool(layout.out_slices)
-        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, active)
+        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, active, use_dora)
         layout.blocks(self.r)  # computed now: forwards (and torch.compile traces) only read it
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
@@ -126,6 +133,9 @@ class Linear(LoRALayer, nn.Linear):
         plain._parameters.update(weight=None, bias=None)
         return plain
 
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.fan_in_fan_out else weight  # (out, in)
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
 
@@ -144,6 +154,8 @@ class Linear(LoRALayer, nn.Linear):
         if self._use_merged():
             weight = self.merged_weight
         elif self._lora_active():
+            if self.use_dora:
+                return self._dora_forward(x)
             return lora_linear(
                 x,
                 self.weight,
@@ -158,6 +170,19 @@ class Linear(LoRALayer, nn.Linear):
         else:
             weight = self.weight
         return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA on the LoRA output (see :mod:`lora_layers.dora`), PEFT's way under dropout."""
+        args = (self.lora_A, self.lora_B, self.scaling)
+        layout = (self.fan_in_fan_out, self.slice_layout)
+        if not (self.training and self.dropout_p > 0):
+            out = lora_linear(x, self.weight, self.bias, *args, self.lora_dropout, *layout)
+            return self.dora_combine(out, self.bias)
+        # As PEFT: the base product of the undropped input, and DoRA's terms on the dropped one.
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
+        x_d = self.lora_dropout(x)
+        dropped = lora_linear(x_d, self.weight, None, *args, _NO_DROPOUT, *layout)
+        return self.dora_combine_dropout(F.linear(x, w, self.bias), dropped, F.linear(x_d, w))
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + ", " + self.lora_extra_repr()

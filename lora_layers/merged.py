@@ -44,6 +44,8 @@ class MergedLinear(Linear):
             grouped-query attention. Default: ``out_features`` split equally.
         bias (bool): Whether the layer has a bias.
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)``.
+        use_dora (bool): DoRA on the enabled slices: ``lora_magnitude`` has one entry per
+            enabled row (enabled slices in output order); disabled rows stay the base's.
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
 
@@ -69,6 +71,7 @@ class MergedLinear(Linear):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         enable_lora, split_sizes = check_slices(out_features, enable_lora, split_sizes)
         super().__init__(  # no enabled slice: no LoRA at all (r is still validated)
@@ -84,6 +87,7 @@ class MergedLinear(Linear):
             device=device,
             dtype=dtype,
             slice_layout=SliceLayout.of(split_sizes, enable_lora),
+            use_dora=use_dora,
         )
         self.enable_lora, self.split_sizes = enable_lora, split_sizes
 

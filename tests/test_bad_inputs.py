@@ -353,7 +353,10 @@ PEFT_CASES: dict[str, Callable[[Path], list[str]]] = {
         "use_rslora",
     ),
     "not_lora": _config(_set(peft_type="PREFIX_TUNING"), "peft_type", "PREFIX_TUNING"),
-    "dora": _config(_set(use_dora=True), "use_dora=True"),
+    # A DoRA config whose weights have no magnitudes: every module is named.
+    "dora_without_magnitudes": _config(
+        _set(use_dora=True), *MODULES, "use_dora=true", "no lora_magnitude_vector"
+    ),
     "rank_disagrees_with_config": _config(_set(r=5), *MODULES, "r=5"),
     "no_weights": _peft_no_weights,
     "pickle_bin_only": _peft_pickle_only,
@@ -374,6 +377,7 @@ PEFT_KIND_FREE = set(PEFT_CASES) - {
     "float8_tensors",
     "nan_and_inf_tensors",
     "rank_disagrees_with_config",
+    "dora_without_magnitudes",
 }
 
 
