@@ -227,9 +227,18 @@ def _draw_keep(n: int, p: float, device: torch.device) -> torch.Tensor:
     """``ceil(n / 8) * 8`` keep flags (bool, flat): 16 random bits each, thresholded."""
     n_pad = -(-n // 8) * 8
     # 64 uniform random bits per word (random_ from the int64 minimum, no upper bound: every
-    # int64 value, no modulo): four decisions each. The plain path draws the same mask, also
-    # under torch.compile, which traces this call.
-    words = torch.empty(n_pad // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    # int64 value, no modulo): four decisions each.
+    if torch.compiler.is_compiling():
+        # dynamo does not trace in-place random_; randint's draw is the same 64 bits with the
+        # top one flipped (its range is all int64 values but one, taken modulo 2**64 - 1, so
+        # only the draw 2**64 - 1, probability 2**-64, differs): the same mask as eager.
+        words = torch.randint(
+            -(1 << 63), (1 << 63) - 1, (n_pad // 4,), dtype=torch.int64, device=device
+        )
+        words = words ^ -(1 << 63)
+    else:
+        words = torch.empty(n_pad // 4, dtype=torch.int64, device=device)
+        words.random_(-(1 << 63), None)
     # int16 values are uniform on [-2**15, 2**15): P(value < t) = round(p * 2**16) / 2**16.
     threshold = round(p * (1 << _RANDOM_BITS)) - (1 << (_RANDOM_BITS - 1))
     np = _numpy_for(words)
