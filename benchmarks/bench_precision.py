@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import platform
 import sys
 import time
@@ -653,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     cfg = _config(argv)
     start = time.time()
+    load_before = os.getloadavg()[0]
     rows, targets = run_grid(cfg)
     command = "python benchmarks/bench_precision.py" + (" " + " ".join(argv) if argv else "")
     meta = {
@@ -664,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": cfg.rounds,
         "time_cases": cfg.time_cases,
         "seconds": round(time.time() - start, 1),
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],  # before, after
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     stem = cfg.out_dir / cfg.stem
