@@ -32,9 +32,10 @@ Dropout on the fast path draws 16 random bits per element, four elements per 64-
 torch's generator, and drops an element when its bits fall below ``round(p * 2**16)``: the
 realised drop probability is ``p' = round(p * 2**16) / 2**16`` (within ``2**-17`` of ``p``),
 and kept elements are scaled by ``1 / (1 - p')``, so the branch stays unbiased. On the CPU,
-numpy (optional: torch ops otherwise, with the same result) thresholds the bits and packs
-and unpacks the mask: vectorised single-threaded loops, several times faster there than the
-equivalent tensor ops and without an OpenMP region each.
+numpy (optional: torch ops otherwise, with the same result) thresholds the bits, packs and
+unpacks the mask and zeroes the dropped elements (:func:`apply_keep`): vectorised
+single-threaded loops, several times faster there than the equivalent tensor ops and
+without an OpenMP region each.
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def apply_keep(
     ``+0.0`` elsewhere, non-finite values included), about twice as fast as ``torch.where``
     there (bf16: three times), single-threaded, so no OpenMP region waits on a busy core.
 
+    The numpy route records no autograd history, so a ``t`` that requires grad while grad
+    mode is on takes ``torch.where`` (the fast path calls this with grad mode off).
+
     Args:
         t: A floating-point tensor.
         keep: A bool tensor of ``t``'s shape.
@@ -109,7 +113,8 @@ def apply_keep(
     """
     np = _numpy_for(t)
     ints = _SAME_WIDTH_INT.get(t.element_size())
-    if np is None or ints is None or _numpy_for(keep) is None or t.is_complex():
+    differentiable = t.requires_grad and torch.is_grad_enabled()
+    if np is None or ints is None or _numpy_for(keep) is None or differentiable:
         return torch.where(keep, t, _zero(t), out=out)
     if out is None:
         out = torch.empty(t.shape, dtype=t.dtype, device=t.device)

@@ -426,6 +426,9 @@ def test_apply_keep_equals_where_bit_for_bit(dtype, mask_ops):
     inplace = t.clone()
     assert lf.apply_keep(inplace, keep, out=inplace) is inplace
     assert torch.equal(inplace.view(ints), torch.where(keep, t, 0.0).view(ints))
+    leaf = torch.randn(6, 40).to(dtype).requires_grad_()  # grad mode on: differentiable
+    lf.apply_keep(leaf, keep).sum().backward()
+    assert torch.equal(leaf.grad, keep.to(dtype))
 
 
 def test_quantized_layers_share_the_keep_mask():
