@@ -8,6 +8,8 @@ note lists the ops by frequency.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,7 +25,7 @@ from benchmarks.candidates import (
 from benchmarks.records import Results, add_missing, progress
 from benchmarks.settings import DROPOUTS, Config
 
-__all__ = ["bench_ops", "count_merged_ops", "top_ops"]
+__all__ = ["bench_ops", "count_merged_ops", "count_ops", "top_ops"]
 
 
 def top_ops(ops: collections.Counter[str], n: int | None = None) -> str:
@@ -31,6 +33,17 @@ def top_ops(ops: collections.Counter[str], n: int | None = None) -> str:
     return " ".join(
         f"{k.removeprefix('aten::').removeprefix('aten.')}:{v}" for k, v in ops.most_common(n)
     )
+
+
+def count_ops(
+    fn: Callable[[], Any], res: Results, section: str, case: str, name: str, prefix: str, **row: Any
+) -> collections.Counter[str]:
+    """Count ``fn``'s ATen ops both ways; add one row per count; return the dispatched ops."""
+    prof, disp = U.count_profiled_aten_ops(fn), U.count_dispatched_ops(fn)
+    for metric, ops in ((f"{prefix}_profiler", prof), (f"{prefix}_dispatch", disp)):
+        total = sum(ops.values())
+        res.add(U.Row(section, case, name, metric, total, "ops", note=top_ops(ops), **row))
+    return disp
 
 
 def bench_ops(cfg: Config, res: Results) -> None:
@@ -48,22 +61,7 @@ def bench_ops(cfg: Config, res: Results) -> None:
             fn = fwd_bwd_call(mod, x, g)
             fn()
             fn()
-            prof = U.count_profiled_aten_ops(fn)
-            disp = U.count_dispatched_ops(fn)
-            for metric, ops in (("aten_ops_profiler", prof), ("aten_ops_dispatch", disp)):
-                res.add(
-                    U.Row(
-                        "aten_ops",
-                        case,
-                        name,
-                        metric,
-                        sum(ops.values()),
-                        "ops",
-                        tokens=tokens,
-                        dropout=p,
-                        note=top_ops(ops),
-                    )
-                )
+            count_ops(fn, res, "aten_ops", case, name, "aten_ops", tokens=tokens, dropout=p)
     progress("aten ops")
 
 
@@ -101,22 +99,7 @@ def count_merged_ops(cfg: Config, res: Results, gen: torch.Generator) -> None:
     for name, m in (("nn.Linear", base), ("lora_layers", mods["lora_layers"].eval())):
         fn = inference_call(m, x)
         fn()
-        prof = U.count_profiled_aten_ops(fn)
-        disp = U.count_dispatched_ops(fn)
-        seqs[name] = disp
-        for metric, ops in (("merged_aten_ops_profiler", prof), ("merged_aten_ops_dispatch", disp)):
-            res.add(
-                U.Row(
-                    "merged",
-                    case,
-                    name,
-                    metric,
-                    sum(ops.values()),
-                    "ops",
-                    tokens=tokens,
-                    note=top_ops(ops),
-                )
-            )
+        seqs[name] = count_ops(fn, res, "merged", case, name, "merged_aten_ops", tokens=tokens)
     if seqs["nn.Linear"] != seqs["lora_layers"]:
         res.notes.append(
             f"merged inference dispatches different ops: nn.Linear {dict(seqs['nn.Linear'])} "

@@ -451,7 +451,7 @@ SECTIONS: dict[str, Callable[[Config, list[U.Row]], None]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
@@ -462,8 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="layer dtypes")
     parser.add_argument("--rounds", type=int, help="override the timing rounds")
     args = parser.parse_args(argv)
-    name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    cfg = make_config(name, args.threads)
+    args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The mode's config with ``--dtypes`` / ``--rounds`` applied."""
+    cfg = make_config(args.mode, args.threads)
     if args.dtypes:
         tokens = {
             d: n for d, n in cfg.tokens.items() if str(d).removeprefix("torch.") in args.dtypes
@@ -471,41 +476,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, tokens=tokens)
     if args.rounds:
         cfg = dataclasses.replace(cfg, rounds=args.rounds)
-    rows: list[U.Row] = []
-    start = time.time()
-    for section in args.only or SECTIONS:
-        SECTIONS[section](cfg, rows)
-    targets = evaluate(cfg, rows)
+    return cfg
+
+
+def print_results(rows: Sequence[U.Row], targets: Sequence[U.TargetResult]) -> None:
+    headers = ["section", "case", "candidate", "metric", "value", "unit", "tokens", "p"]
     print(
         U.format_table(
+            [*headers, "ratio", "vs"],
             [
-                "section",
-                "case",
-                "candidate",
-                "metric",
-                "value",
-                "unit",
-                "tokens",
-                "p",
-                "ratio",
-                "vs",
-            ],
-            [
-                (
-                    r.section,
-                    r.case,
-                    r.candidate,
-                    r.metric,
-                    r.value,
-                    r.unit,
-                    r.tokens,
-                    r.dropout,
-                    r.ratio,
-                    r.reference,
-                )
+                (r.section, r.case, r.candidate, r.metric, r.value, r.unit, r.tokens, r.dropout)
+                + (r.ratio, r.reference)
                 for r in rows
             ],
-        )  # fmt: skip
+        )
     )
     print()
     print(
@@ -514,8 +498,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             [(t.number, t.name, t.threshold, t.measured, t.others, t.status) for t in targets],
         )
     )
+
+
+def write_results(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    seconds: float,
+    rows: Sequence[U.Row],
+    targets: Sequence[U.TargetResult],
+) -> None:
+    """``qlora_bench_cpu[_mode][_sections][_dtypes][_1thread].{csv,json,md}`` under ``--out``."""
+    name = args.mode
+    machine = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()}"
     meta = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": f"{machine} threads".strip(),
         "torch": torch.__version__,
         "bitsandbytes": importlib.metadata.version("bitsandbytes"),
         "peft": importlib.metadata.version("peft"),
@@ -525,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(
             ["python benchmarks/bench_qlora.py", *(sys.argv[1:] if argv is None else argv)]
         ),
-        "seconds": round(time.time() - start, 1),
+        "seconds": round(seconds, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if name == "full" else f"_{name}"
@@ -540,6 +536,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     U.write_json(stem.with_suffix(".json"), meta, rows, targets)
     U.write_markdown(stem.with_suffix(".md"), meta, targets)
     _progress(f"wrote {stem}.{{csv,json,md}} in {meta['seconds']} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    rows: list[U.Row] = []
+    start = time.time()
+    for section in args.only or SECTIONS:
+        SECTIONS[section](cfg, rows)
+    targets = evaluate(cfg, rows)
+    print_results(rows, targets)
+    write_results(args, argv, time.time() - start, rows, targets)
     return 0
 
 

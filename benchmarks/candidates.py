@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -126,11 +126,15 @@ def peft_wrap(base: nn.Linear, dropout: float, target: str = "lin") -> nn.Module
     return getattr(holder, target)
 
 
-def loralib_linear(base: nn.Linear, dropout: float) -> nn.Module:
-    """A `loralib.Linear` on `base`'s weight and bias (built on meta, then pointed at them)."""
+def loralib_linear(base: nn.Linear, dropout: float, enable_lora: Sequence[bool] = ()) -> nn.Module:
+    """A `loralib.Linear` on `base`'s weight and bias (built on meta, then pointed at them).
+
+    With ``enable_lora``, a `loralib.MergedLinear` with those slices enabled.
+    """
     import loralib
 
-    m = loralib.Linear(
+    merged = {"enable_lora": list(enable_lora)} if enable_lora else {}
+    m = (loralib.MergedLinear if enable_lora else loralib.Linear)(
         base.in_features,
         base.out_features,
         r=RANK,
@@ -138,6 +142,7 @@ def loralib_linear(base: nn.Linear, dropout: float) -> nn.Module:
         lora_dropout=dropout,
         bias=base.bias is not None,
         device="meta",
+        **merged,
     )
     return _materialize_loralib(m, base)
 
@@ -223,8 +228,6 @@ def build_fused_candidates(
     Returns:
         (name -> module in train mode, name -> reason it is unavailable).
     """
-    import loralib
-
     n_on = sum(QKV_ENABLE)
     slice_out = base.out_features // len(QKV_ENABLE)
     a, b = random_ab(RANK * n_on, base.in_features, slice_out * n_on, RANK, gen, base.weight)
@@ -244,17 +247,7 @@ def build_fused_candidates(
         except Exception as e:
             traceback.print_exc()
             missing["lora_layers"] = f"error: {type(e).__name__}: {e}"
-    lm = loralib.MergedLinear(
-        base.in_features,
-        base.out_features,
-        r=RANK,
-        lora_alpha=ALPHA,
-        lora_dropout=dropout,
-        enable_lora=list(QKV_ENABLE),
-        bias=base.bias is not None,
-        device="meta",
-    )
-    lm = _materialize_loralib(lm, base)
+    lm = loralib_linear(base, dropout, enable_lora=QKV_ENABLE)
     set_ab("loralib", lm, a, b)
     lm.train()  # returns None in loralib
     mods["loralib"] = lm

@@ -1,30 +1,35 @@
 """The adapter file format: what describes one layer (:class:`LayerSpec`) and an adapter.
 
 An adapter file is one safetensors file holding the LoRA tensors (``<module>.lora_A``,
-``<module>.lora_B`` and optionally ``<module>.bias``) and, in the header metadata under
-:data:`METADATA_KEY`, a versioned JSON description of every adapted layer (layer type, rank,
-alpha, rsLoRA, fan_in_fan_out, dropout, fused-slice layout, base weight shape, dtype). The
+``<module>.lora_B``, ``<module>.lora_magnitude`` for DoRA layers, and optionally
+``<module>.bias``) and, in the header metadata under :data:`METADATA_KEY`, a versioned JSON
+description of every adapted layer (:class:`LayerSpec`: its shape facts and its
+:class:`~lora_layers.LoRAConfig`). The
 format is specified in ``docs/adapters.md``; reading and writing files is
 :mod:`lora_layers.adapter_io`, loading into a model :mod:`lora_layers.loading`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from .base import check_lora_args, lora_scaling
-from .config import FusedSpec, LoRAConfig, SliceLayout, check_slices, is_int
-from .keys import join_key, normalize_name, normalized_tensors, split_key
-from .kinds import CONV_DIMS, LAYER_KINDS, layer_kind, layer_sizes
-from .quantized import dense_weight_shape
+from .config import is_int
+from .keys import MAGNITUDE_LEAF, join_key, normalize_name, normalized_tensors, split_key
+from .layer_spec import (
+    DTYPE_NAMES,
+    DTYPES,
+    FORMAT_VERSION,
+    AdapterError,
+    LayerSpec,
+    dtype_from_name,
+    dtype_name,
+    shape_of,
+)
 from .utils import BIAS_MODES, lora_modules, lora_state_dict
 
 __all__ = [
@@ -36,276 +41,14 @@ __all__ = [
     "AdapterError",
     "LayerSpec",
     "adapter_from_model",
+    "dora_magnitude",
     "dtype_from_name",
     "dtype_name",
     "full_tensor",
     "shape_of",
 ]
 
-FORMAT_VERSION = 1
 METADATA_KEY = "lora_layers.adapter"
-# The dtypes an adapter tensor may have (float8 and friends have no LoRA arithmetic here).
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
-
-
-class AdapterError(ValueError):
-    """An adapter (file, metadata or conversion request) is invalid.
-
-    Attributes:
-        problems: One line per problem found.
-    """
-
-    def __init__(self, problems: str | Sequence[str], context: str = "") -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        head = f"{context}: " if context else ""
-        if len(self.problems) == 1:
-            message = head + self.problems[0]
-        else:
-            message = (
-                head
-                + f"{len(self.problems)} problems:\n"
-                + "\n".join(f"  - {p}" for p in self.problems)
-            )
-        super().__init__(message)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: object) -> torch.dtype | None:
-    """The adapter dtype named ``name`` (``"float32"``, ...), or None if it is not one."""
-    if not isinstance(name, str):
-        return None
-    dtype = getattr(torch, name, None)
-    return dtype if dtype in DTYPES else None
-
-
-def shape_of(t: torch.Tensor) -> tuple[int, ...]:
-    """A tensor's shape as a tuple of ints."""
-    return tuple(int(s) for s in t.shape)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """Everything needed to rebuild one LoRA layer around its base layer.
-
-    Attributes:
-        layer: ``"Linear"``, ``"MergedLinear"``, ``"Embedding"``, ``"Conv1d"``, ``"Conv2d"``
-            or ``"Conv3d"``.
-        r: Rank (per enabled slice for ``MergedLinear``).
-        lora_alpha: Scaling numerator.
-        in_features: ``in_features`` / ``num_embeddings`` / ``in_channels``.
-        out_features: ``out_features`` / ``embedding_dim`` / ``out_channels``.
-        weight_shape: Shape of the base layer's ``weight``.
-        dtype: Dtype name of ``lora_A`` / ``lora_B`` (``"float32"``, ``"bfloat16"``, ...).
-        use_rslora: ``scaling = lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
-        lora_dropout: Dropout probability of the LoRA branch.
-        fan_in_fan_out: Whether the base weight is stored ``(in, out)``.
-        merge_weights: The layer's ``merge_weights`` flag.
-        enable_lora: ``MergedLinear`` only: which output slices have LoRA.
-        split_sizes: ``MergedLinear`` only: output slice sizes.
-    """
-
-    layer: str
-    r: int
-    lora_alpha: float
-    in_features: int
-    out_features: int
-    weight_shape: tuple[int, ...]
-    dtype: str = "float32"
-    use_rslora: bool = False
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    merge_weights: bool = True
-    enable_lora: tuple[bool, ...] | None = None
-    split_sizes: tuple[int, ...] | None = None
-
-    @property
-    def scaling(self) -> float:
-        """``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA), as the layer computes it."""
-        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
-
-    @property
-    def slice_ranks(self) -> tuple[int, ...]:
-        """The rank of each output slice (0 for disabled slices); ``(r,)`` when unfused."""
-        if self.enable_lora is None:
-            return (self.r,)
-        return tuple(self.r if on else 0 for on in self.enable_lora)
-
-    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Shapes of ``lora_A`` and ``lora_B`` implied by this spec."""
-        if self.layer == "MergedLinear":
-            assert self.enable_lora is not None and self.split_sizes is not None
-            layout = SliceLayout.of(self.split_sizes, self.enable_lora)
-            n_enabled = len(layout.out_slices)
-            return (self.r * n_enabled, self.in_features), (layout.b_rows, self.r)
-        if self.layer in CONV_DIMS:
-            return (self.r, math.prod(self.weight_shape[1:])), (self.out_features, self.r)
-        return (self.r, self.in_features), (self.out_features, self.r)
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module) -> LayerSpec:
-        """Describe an existing lora_layers layer with ``r > 0``.
-
-        Raises:
-            TypeError: If ``layer`` is not a lora_layers layer.
-        """
-        kind = layer_kind(layer)
-        if kind is None:
-            raise TypeError(f"{type(layer).__name__} is not a lora_layers layer")
-        in_f, out_f = layer_sizes(layer)
-        merged = kind == "MergedLinear"
-        return cls(
-            layer=kind,
-            r=layer.r,
-            lora_alpha=layer.lora_alpha,
-            in_features=in_f,
-            out_features=out_f,
-            weight_shape=dense_weight_shape(layer),
-            dtype=dtype_name(layer.lora_A.dtype if layer.r > 0 else layer.weight.dtype),
-            use_rslora=layer.use_rslora,
-            lora_dropout=layer.dropout_p,
-            fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
-            merge_weights=layer.merge_weights,
-            enable_lora=tuple(layer.enable_lora) if merged else None,
-            split_sizes=tuple(layer.split_sizes) if merged else None,
-        )
-
-    def to_config(self) -> LoRAConfig:
-        """The :class:`~lora_layers.LoRAConfig` that rebuilds this layer around its base."""
-        fused = None
-        if self.layer == "MergedLinear":
-            fused = FusedSpec(tuple(self.split_sizes), tuple(self.enable_lora))
-        dtype = dtype_from_name(self.dtype)
-        settings = (self.lora_dropout, self.use_rslora, self.merge_weights, dtype, fused)
-        return LoRAConfig(self.r, self.lora_alpha, *settings)
-
-    def problems(self) -> list[str]:
-        """Everything wrong with this spec (empty when it is valid)."""
-        out: list[str] = []
-        if self.layer not in LAYER_KINDS:
-            return [f"unknown layer type {self.layer!r}; known: {sorted(LAYER_KINDS)}"]
-        if not is_int(self.r) or self.r <= 0:
-            out.append(f"r must be a positive int, got {self.r!r}")
-        else:
-            try:
-                check_lora_args(self.r, self.lora_alpha, self.lora_dropout)
-            except (TypeError, ValueError) as exc:
-                out.append(str(exc))
-            else:
-                if not math.isfinite(self.lora_alpha):
-                    out.append(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        for name in ("in_features", "out_features"):
-            value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                out.append(f"{name} must be a positive int, got {value!r}")
-        for name in ("use_rslora", "fan_in_fan_out", "merge_weights"):
-            if not isinstance(getattr(self, name), bool):
-                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if dtype_from_name(self.dtype) is None:
-            out.append(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        shape = self.weight_shape
-        if not isinstance(shape, tuple) or not all(is_int(s) and s > 0 for s in shape):
-            out.append(f"weight_shape must be a list of positive ints, got {shape!r}")
-        if out:
-            return out
-        i, o = self.in_features, self.out_features
-        if self.layer in ("Linear", "MergedLinear"):
-            expected = (i, o) if self.fan_in_fan_out else (o, i)
-            if shape != expected:
-                out.append(f"weight_shape {list(shape)} does not match in/out features {i}/{o}")
-        elif self.layer == "Embedding":
-            if shape != (i, o):
-                out.append(f"weight_shape {list(shape)} is not (num_embeddings, embedding_dim)")
-        else:
-            dims = CONV_DIMS[self.layer]
-            if len(shape) != dims + 2 or shape[0] != o or i % shape[1] != 0:
-                out.append(
-                    f"weight_shape {list(shape)} is not a {self.layer} kernel for "
-                    f"{i} -> {o} channels"
-                )
-        if self.fan_in_fan_out and self.layer not in ("Linear", "MergedLinear"):
-            out.append(f"fan_in_fan_out is only valid for Linear layers, not {self.layer}")
-        if self.layer == "MergedLinear":
-            if self.enable_lora is None or self.split_sizes is None:
-                out.append("MergedLinear needs enable_lora and split_sizes")
-            else:
-                try:
-                    check_slices(o, self.enable_lora, self.split_sizes)
-                except (TypeError, ValueError) as exc:
-                    out.append(str(exc))
-                else:
-                    if not all(isinstance(e, bool) for e in self.enable_lora):
-                        out.append(f"enable_lora must be booleans, got {list(self.enable_lora)}")
-                    elif not any(self.enable_lora):
-                        out.append("enable_lora enables no slice")
-        elif self.enable_lora is not None or self.split_sizes is not None:
-            out.append(
-                f"enable_lora / split_sizes are only valid for MergedLinear, not {self.layer}"
-            )
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object stored in the file's metadata for this layer."""
-        data: dict[str, Any] = {
-            "layer": self.layer,
-            "r": self.r,
-            "lora_alpha": self.lora_alpha,
-            "use_rslora": self.use_rslora,
-            "lora_dropout": self.lora_dropout,
-            "fan_in_fan_out": self.fan_in_fan_out,
-            "merge_weights": self.merge_weights,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "weight_shape": list(self.weight_shape),
-            "dtype": self.dtype,
-        }
-        if self.layer == "MergedLinear":
-            data["enable_lora"] = list(self.enable_lora or ())
-            data["split_sizes"] = list(self.split_sizes or ())
-            data["slice_ranks"] = list(self.slice_ranks)
-        return data
-
-    @classmethod
-    def from_json(cls, data: object) -> LayerSpec:
-        """Parse and validate one layer's metadata object.
-
-        Raises:
-            AdapterError: Listing every problem with the object.
-        """
-        if not isinstance(data, dict):
-            raise AdapterError(f"expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} | {"slice_ranks"}
-        required = ("layer", "r", "lora_alpha", "in_features", "out_features", "weight_shape")
-        problems = [f"unknown field {k!r}" for k in data if k not in known]
-        problems += [f"missing field {k!r}" for k in required if k not in data]
-        if problems:
-            raise AdapterError(problems)
-        kwargs = {k: v for k, v in data.items() if k != "slice_ranks"}
-        for name in ("weight_shape", "enable_lora", "split_sizes"):
-            if isinstance(kwargs.get(name), list):
-                kwargs[name] = tuple(kwargs[name])
-        spec = cls(**kwargs)
-        problems = spec.problems()
-        ranks = data.get("slice_ranks")
-        if not problems and ranks is not None and list(ranks) != list(spec.slice_ranks):
-            problems.append(f"slice_ranks {ranks} disagree with r and enable_lora")
-        if problems:
-            raise AdapterError(problems)
-        return spec
-
-    def differences(self, other: LayerSpec, mine: str = "file", theirs: str = "model") -> list[str]:
-        """The config fields that differ from ``other`` (what makes loading inexact)."""
-        fields = ("layer", "r", "lora_alpha", "use_rslora", "fan_in_fan_out")
-        fields += ("enable_lora", "split_sizes", "weight_shape")
-        return [
-            f"{f}: {mine} {getattr(self, f)!r}, {theirs} {getattr(other, f)!r}"
-            for f in fields
-            if getattr(self, f) != getattr(other, f)
-        ]
 
 
 @dataclass
@@ -313,8 +56,8 @@ class Adapter:
     """An adapter in memory: tensors by key, and (unless it came from a bare state dict) specs.
 
     Attributes:
-        tensors: ``<module>.lora_A`` / ``<module>.lora_B`` / ``<module>.bias`` -> tensor, with
-            normalised module names.
+        tensors: ``<module>.lora_A`` / ``lora_B`` / ``lora_magnitude`` (DoRA) / ``bias`` ->
+            tensor, with normalised module names.
         modules: Module name -> :class:`LayerSpec`, or None for a state dict without metadata
             (e.g. loralib's), which can only load into a model that already has LoRA layers.
         biases: Names of modules whose ``bias`` is stored (``<module>.bias``).
@@ -425,8 +168,11 @@ class Adapter:
         """The safetensors header metadata for this adapter."""
         if self.modules is None:
             raise AdapterError("this adapter has no layer metadata (a bare state dict)")
+        versions = [spec.format_version() for spec in self.modules.values()]
         doc = {
-            "format_version": FORMAT_VERSION,
+            # The lowest version holding every module: plain LoRA files stay readable by
+            # lora_layers versions that read format 1.
+            "format_version": max(versions, default=1),
             "library": "lora_layers",
             "bias": self.bias,
             "modules": {name: spec.to_json() for name, spec in sorted(self.modules.items())},
@@ -444,6 +190,19 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):
         return t.full_tensor()
     return t
+
+
+def dora_magnitude(layer: nn.Module) -> torch.Tensor:
+    """A DoRA layer's ``lora_magnitude`` as it will be used, for saving (detached, whole).
+
+    A magnitude still *pending* (created on the meta device and never run or loaded: its
+    memory is not yet the norm, see :mod:`lora_layers.dora`) is first computed from ``W``
+    exactly as the first forward would (``dora_weight_norm()`` settles it), so a file never
+    holds uninitialised memory. Sharded (FSDP2) layers are saved as they are.
+    """
+    if type(layer.weight).__name__ != "DTensor":
+        layer.dora_weight_norm()  # settles a pending magnitude; a no-op otherwise
+    return full_tensor(layer.lora_magnitude.detach())
 
 
 def adapter_from_model(model: nn.Module, bias: str = "none") -> Adapter:
@@ -472,6 +231,8 @@ def adapter_from_model(model: nn.Module, bias: str = "none") -> Adapter:
         modules[name] = LayerSpec.from_layer(layer)
         tensors[join_key(name, "lora_A")] = full_tensor(layer.lora_A.detach())
         tensors[join_key(name, "lora_B")] = full_tensor(layer.lora_B.detach())
+        if modules[name].use_dora:
+            tensors[join_key(name, MAGNITUDE_LEAF)] = dora_magnitude(layer)
     if not modules:
         raise AdapterError("the model has no LoRA layer with r > 0; nothing to save")
     biases = []

@@ -92,8 +92,8 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict
 def save_lora(model: nn.Module | Adapter, path: str | os.PathLike, bias: str = "none") -> Path:
     """Save a model's LoRA adapter (or an :class:`Adapter`) as one safetensors file.
 
-    The file holds only the adapter tensors (``<module>.lora_A``, ``<module>.lora_B`` and,
-    per ``bias``, ``<module>.bias``) and the JSON metadata describing every layer. Module
+    The file holds only the adapter tensors (``<module>.lora_A``, ``<module>.lora_B``,
+    ``<module>.lora_magnitude`` for DoRA layers and, per ``bias``, ``<module>.bias``) and the JSON metadata describing every layer. Module
     names are stored without ``_orig_mod.`` / ``module.`` / ``base_model.model.`` prefixes.
     The write is atomic: a temporary file in the same directory, fsynced, then renamed over
     ``path``, so a failure leaves any previous file intact.

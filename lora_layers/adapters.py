@@ -1,8 +1,9 @@
 """Adapter files: safe safetensors save/load with full validation, and loralib state dicts.
 
-The public face of four modules, one job each (see ``docs/index.md``):
-:mod:`lora_layers.keys` (key names and their normal form), :mod:`lora_layers.adapter_format`
-(:class:`LayerSpec`, :class:`Adapter`, the metadata), :mod:`lora_layers.adapter_io` (reading
+The public face of five modules, one job each (see ``docs/index.md``):
+:mod:`lora_layers.keys` (key names and their normal form), :mod:`lora_layers.layer_spec`
+(:class:`LayerSpec`: one layer's shape facts and config), :mod:`lora_layers.adapter_format`
+(:class:`Adapter`, the metadata), :mod:`lora_layers.adapter_io` (reading
 and writing files) and :mod:`lora_layers.loading` (validation and loading). The format is
 specified in ``docs/adapters.md``. PEFT interop lives in :mod:`lora_layers.peft_interop` and
 fused <-> separate conversion in :mod:`lora_layers.fused`.

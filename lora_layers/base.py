@@ -15,6 +15,8 @@ float32 otherwise (never below the weight's precision), rounded once and kept in
 non-persistent buffer ``merged_weight``. Unmerging drops that buffer, so the base weight is
 bit-identical to the original after any number of merges, and ``state_dict()`` always holds
 the original weight.
+With DoRA (``use_dora=True``, :mod:`lora_layers.dora`) each row of the sum is multiplied by
+``m / ||W + delta||`` (its norm taken in ``c``) before that one rounding.
 The cost is one extra weight-sized tensor per layer while it is merged; ``merge_and_unload``
 (in :mod:`lora_layers.surgery`) frees it by making the merged tensor the layer's only weight.
 """
@@ -31,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .dora import DoRAMixin
 from .functional import transforms_active
 from .reentrant import reentrant_checkpoint_inputs_need_grad
 
@@ -155,7 +158,7 @@ def _version(tensor: torch.Tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-class LoRALayer:
+class LoRALayer(DoRAMixin):
     """Mixin holding the LoRA hyper-parameters, the merge state and the merge arithmetic.
 
     Subclasses call :meth:`_setup_lora` in ``__init__`` after the torch parent built the base
@@ -192,8 +195,10 @@ class LoRALayer:
         merge_weights: bool,
         use_rslora: bool,
         active: bool = True,
+        use_dora: bool = False,
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
+        self._setup_dora(use_dora, r)  # DoRA: see lora_layers.dora
         self.r = int(r) if active else 0  # inactive: e.g. a MergedLinear with no enabled slice
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
@@ -236,6 +241,7 @@ class LoRALayer:
         shape_a, shape_b = self.lora_shapes()
         self.lora_A = nn.Parameter(torch.empty(shape_a, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(shape_b, device=device, dtype=dtype))
+        self._init_dora_magnitude(device, dtype)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -248,6 +254,7 @@ class LoRALayer:
         for a_i in self.lora_A.data.split(self.r):  # one (r, in) block per enabled slice
             nn.init.kaiming_uniform_(a_i, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        self.reset_dora_magnitude()  # DoRA: m = ||W|| again
         self.unmerge()
 
     @classmethod
@@ -284,7 +291,7 @@ class LoRALayer:
                 weight's), e.g. ``torch.float32`` on a bf16 base.
             **lora_args: The constructor's LoRA arguments: ``r``, ``lora_alpha``,
                 ``lora_dropout`` (not for ``Embedding``), ``merge_weights``, ``use_rslora``,
-                and ``enable_lora`` / ``split_sizes`` for ``MergedLinear``.
+                ``use_dora``, and ``enable_lora`` / ``split_sizes`` for ``MergedLinear``.
 
         Returns:
             LoRALayer: A new layer whose ``weight`` / ``bias`` are the module's Parameters.
@@ -317,7 +324,7 @@ class LoRALayer:
     def _lora_parameters(self) -> tuple[nn.Parameter, ...]:
         if self.r == 0:
             return ()
-        return (self.lora_A, self.lora_B)
+        return (self.lora_A, self.lora_B, *self._dora_parameters())
 
     def _prepare_forward(self) -> None:
         """The explicit steps every forward takes before choosing its path.
@@ -464,6 +471,7 @@ class LoRALayer:
             # The sum gets the weight's own strides, so the merged layer runs the same kernels.
             merged = torch.empty_like(weight, dtype=delta.dtype, requires_grad=False)
             torch.add(weight.detach().to(delta.dtype), delta, out=merged)
+            self._dora_rescale_(merged)  # DoRA: rows times m / ||W + delta||
             merged = merged.to(weight.dtype)
         if merged.device.type != "meta" and not torch.isfinite(merged).all():
             bad = (~torch.isfinite(merged)).sum().item()
@@ -554,12 +562,14 @@ class LoRALayer:
         materialised = not any(p.is_meta for p in self._lora_parameters())
         if lora_on_meta and materialised and not self._sharded():
             self.reset_lora_parameters()
+            self._defer_dora_magnitude()  # W is uninitialised memory until loaded
         return self
 
     def __getstate__(self) -> dict:
         # Weak references cannot be pickled or deep-copied: a copy re-merges on first use.
         state = self.__dict__.copy()
         state["_merged_from"] = ()
+        state["_dora_cache"] = None
         return state
 
     def lora_extra_repr(self) -> str:
@@ -570,4 +580,6 @@ class LoRALayer:
             text += f", lora_dropout={self.dropout_p}"
         if self.use_rslora:
             text += ", use_rslora=True"
+        if self.use_dora:
+            text += ", use_dora=True"
         return text

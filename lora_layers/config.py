@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,18 +79,27 @@ def check_slices(
 
 @dataclass(frozen=True)
 class SliceLayout:
-    """Where each enabled output slice of a fused projection keeps its update, computed once.
+    """Where each enabled output slice of a projection keeps its update, computed once.
 
     ``lora_A`` stacks one ``(r, in)`` block per enabled slice; ``lora_B`` stacks one
-    ``(size_i, r)`` block per enabled slice (loralib's layout). Every path that walks the
-    slices (the layer's delta weight, the PEFT export, fused <-> separate conversion) reads
-    them from here.
+    ``(size_i, r)`` block per enabled slice (loralib's layout). A plain ``Linear`` has one
+    slice over every output (:meth:`whole`). Every path that walks the slices (the fast and
+    plain forward and backward, the layers' delta weight, the PEFT export, fused <-> separate
+    conversion) reads them from here; the walk itself is :meth:`blocks`.
 
     Attributes:
         out_slices: ``((start, stop), ...)``: the output rows of each enabled slice.
+        out_features: Output size of the whole projection.
+        is_whole: Whether the one slice covers every output (the paths' shortcut).
     """
 
     out_slices: tuple[tuple[int, int], ...]
+    out_features: int
+    is_whole: bool = field(init=False, repr=False, compare=False)
+    _by_rank: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_whole", self.out_slices == ((0, self.out_features),))
 
     @classmethod
     def of(cls, split_sizes: Sequence[int], enable_lora: Sequence[bool]) -> SliceLayout:
@@ -100,23 +109,60 @@ class SliceLayout:
             if on:
                 out.append((start, start + size))
             start += size
-        return cls(tuple(out))
+        return cls(tuple(out), start)
+
+    @classmethod
+    def whole(cls, out_features: int) -> SliceLayout:
+        """One slice over all ``out_features`` outputs: a plain ``Linear``'s layout."""
+        return cls(((0, out_features),), out_features)
 
     @property
     def b_rows(self) -> int:
         """Rows of ``lora_B``: the enabled slices' sizes added up."""
         return sum(stop - start for start, stop in self.out_slices)
 
+    def lora_shapes(self, r: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r * n_enabled, in_features)``; ``lora_B``: ``(b_rows, r)``."""
+        return (r * len(self.out_slices), in_features), (self.b_rows, r)
+
     def blocks(self, r: int) -> tuple[tuple[slice, slice, slice], ...]:
-        """Per enabled slice: ``(its output rows, its rows of lora_A, its rows of lora_B)``."""
-        blocks, b_row = [], 0
-        for i, (start, stop) in enumerate(self.out_slices):
-            size = stop - start
-            blocks.append(
-                (slice(start, stop), slice(i * r, (i + 1) * r), slice(b_row, b_row + size))
-            )
-            b_row += size
-        return tuple(blocks)
+        """Per enabled slice: ``(its output rows, its rows of lora_A, its rows of lora_B)``.
+
+        Computed once per rank and kept: layers ask for theirs when they are built, so
+        forwards (and ``torch.compile`` traces) only read it.
+        """
+        found = self._by_rank.get(r)
+        if found is None:
+            found, b_row = [], 0
+            for i, (start, stop) in enumerate(self.out_slices):
+                size = stop - start
+                found.append(
+                    (slice(start, stop), slice(i * r, (i + 1) * r), slice(b_row, b_row + size))
+                )
+                b_row += size
+            found = self._by_rank[r] = tuple(found)
+        return found
+
+    def delta_weight(
+        self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``scaling * B_i @ A_i`` of every enabled slice in its rows, zeros elsewhere.
+
+        Args:
+            lora_A: ``(r * n_enabled, in)``.
+            lora_B: ``(b_rows, r)``.
+            scaling: The LoRA scaling.
+            dtype: The dtype of the arithmetic and the result.
+
+        Returns:
+            An ``(out_features, in)`` tensor; disabled slices' rows are exactly zero.
+        """
+        if self.is_whole:
+            return scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+        delta = lora_A.new_zeros(self.out_features, lora_A.shape[1], dtype=dtype)
+        for out, a_rows, b_rows in self.blocks(lora_B.shape[1]):
+            delta[out] = scaling * (lora_B[b_rows].to(dtype) @ lora_A[a_rows].to(dtype))
+        return delta
 
 
 @dataclass(frozen=True)
@@ -164,6 +210,7 @@ class LoRAConfig:
         merge_weights: Merge on ``eval()`` / unmerge on ``train()`` (loralib's contract).
         lora_dtype: Dtype of ``lora_A`` / ``lora_B`` (None: the base weight's).
         fused: Slices of a fused projection (None: one update over the whole output).
+        use_dora: DoRA: a trainable per-row magnitude (see :mod:`lora_layers.dora`).
 
     Raises:
         TypeError, ValueError: For invalid ``r`` / ``lora_alpha`` / ``lora_dropout`` /
@@ -177,6 +224,7 @@ class LoRAConfig:
     merge_weights: bool = False
     lora_dtype: torch.dtype | None = None
     fused: FusedSpec | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_lora_args(self.r, self.lora_alpha, self.lora_dropout)
@@ -184,6 +232,8 @@ class LoRAConfig:
             raise TypeError(f"lora_dtype must be a torch.dtype or None, got {self.lora_dtype!r}")
         if self.fused is not None and not isinstance(self.fused, FusedSpec):
             raise TypeError(f"fused must be a FusedSpec or None, got {self.fused!r}")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {self.use_dora!r}")
 
     @property
     def scaling(self) -> float:
@@ -198,6 +248,7 @@ class LoRAConfig:
             "merge_weights": self.merge_weights,
             "use_rslora": self.use_rslora,
             "lora_dtype": self.lora_dtype,
+            "use_dora": self.use_dora,
         }
 
     @classmethod
@@ -222,6 +273,7 @@ class LoRAConfig:
             merge_weights=layer.merge_weights,
             lora_dtype=None if lora_dtype == layer.weight.dtype else lora_dtype,
             fused=fused,
+            use_dora=bool(getattr(layer, "use_dora", False)),
         )
 
 

@@ -49,6 +49,7 @@ class _ConvLoRA(LoRALayer):
         fan_in_fan_out: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         refuse_fan_in_fan_out(fan_in_fan_out, type(self).__name__)
         self.wraps.__init__(
@@ -65,7 +66,7 @@ class _ConvLoRA(LoRALayer):
             device=device,
             dtype=dtype,
         )
-        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, True, use_dora)
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -79,6 +80,12 @@ class _ConvLoRA(LoRALayer):
         names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
         names += ("groups", "padding_mode")
         return {name: getattr(module, name) for name in names} | {"bias": module.bias is not None}
+
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)  # (out, in / groups * prod(k))
+
+    def _dora_view(self, vector: torch.Tensor) -> torch.Tensor:
+        return vector.view(-1, *(1,) * len(self.kernel_size))  # channels first: (out, 1, ...)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * (B @ A).view(weight.shape)`` in fp32 (fp64 for fp64 layers)."""
@@ -97,8 +104,14 @@ class _ConvLoRA(LoRALayer):
         delta = delta.to(self.weight.dtype)
         if self.training and self.dropout_p > 0:
             out = self._conv_forward(x, self.weight, self.bias)
-            return out + self._conv_forward(self.lora_dropout(x), delta, None)
-        return self._conv_forward(x, self.weight + delta, self.bias)
+            x_d = self.lora_dropout(x)
+            if self.use_dora:  # as PEFT: DoRA's terms on the dropped input
+                dropped_base = self._conv_forward(x_d, self.weight, None)
+                lora = self._conv_forward(x_d, delta, None)
+                return self.dora_combine_dropout(out, dropped_base + lora, dropped_base)
+            return out + self._conv_forward(x_d, delta, None)
+        out = self._conv_forward(x, self.weight + delta, self.bias)
+        return self.dora_combine(out, self.bias) if self.use_dora else out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.lora_extra_repr()
@@ -133,13 +146,15 @@ class Conv2d(_ConvLoRA, nn.Conv2d):
         merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
         stride, padding, dilation, groups, bias, padding_mode: As ``nn.Conv2d``.
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)``.
+        use_dora (bool): DoRA: ``lora_magnitude`` ``(out_channels,)`` rescales each output
+            channel by ``m / ||W + s B A||`` (norm over all kernel dims but the output).
         fan_in_fan_out (bool): Not meaningful for a convolution; must be False.
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
 
     Raises:
         ValueError: If ``fan_in_fan_out`` is True or LoRA hyper-parameters are invalid.
-        TypeError: If ``r`` or ``lora_alpha`` have the wrong type.
+        TypeError: If ``r``, ``lora_alpha`` or ``use_dora`` have the wrong type.
     """
 
     wraps = nn.Conv2d

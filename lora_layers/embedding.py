@@ -42,13 +42,16 @@ class Embedding(LoRALayer, nn.Embedding):
         scale_grad_by_freq (bool): As ``nn.Embedding``.
         sparse (bool): As ``nn.Embedding`` (the base table's gradient).
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)``.
+        use_dora (bool): DoRA as PEFT has it for embeddings: ``lora_magnitude``
+            ``(embedding_dim,)`` rescales each embedding *dimension* by ``m / ||W + delta||``,
+            the norm over the vocabulary (a column of the table).
         fan_in_fan_out (bool): Not meaningful for an embedding; must be False.
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
 
     Raises:
         ValueError: If ``fan_in_fan_out`` is True, or ``r``/``lora_alpha`` are invalid.
-        TypeError: If ``r`` or ``lora_alpha`` have the wrong type.
+        TypeError: If ``r``, ``lora_alpha`` or ``use_dora`` have the wrong type.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Embedding(LoRALayer, nn.Embedding):
         fan_in_fan_out: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         why = " (its table is already (num_embeddings, embedding_dim))"
         refuse_fan_in_fan_out(fan_in_fan_out, "Embedding", why)
@@ -82,7 +86,7 @@ class Embedding(LoRALayer, nn.Embedding):
             device=device,
             dtype=dtype,
         )
-        self._setup_lora(r, lora_alpha, 0.0, merge_weights, use_rslora)
+        self._setup_lora(r, lora_alpha, 0.0, merge_weights, use_rslora, True, use_dora)
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
 
     wraps = nn.Embedding
@@ -97,6 +101,7 @@ class Embedding(LoRALayer, nn.Embedding):
             return
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
+        self.reset_dora_magnitude()
         self.unmerge()
 
     @classmethod
@@ -115,6 +120,9 @@ class Embedding(LoRALayer, nn.Embedding):
     def bias(self, value: None) -> None:
         if value is not None:
             raise ValueError("Embedding has no bias")
+
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()  # (embedding_dim, num_embeddings): PEFT's DoRA rows
 
     def delta_weight(self) -> torch.Tensor:
         """``(scaling * B @ A).T`` in fp32 (fp64 for fp64 layers), shape ``(num, dim)``."""
@@ -179,7 +187,8 @@ class Embedding(LoRALayer, nn.Embedding):
         after_a = F.embedding(
             x, self.lora_A.t(), self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq
         )  # (..., r)
-        return out + (F.linear(after_a, self.lora_B) * self.scaling).to(out.dtype)
+        out = out + (F.linear(after_a, self.lora_B) * self.scaling).to(out.dtype)
+        return self.dora_combine(out, None) if self.use_dora else out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.lora_extra_repr()

@@ -42,12 +42,15 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
+
+if TYPE_CHECKING:  # config imports base, which imports this module
+    from .config import SliceLayout
 
 __all__ = [
     "LoRALinearFunction",
@@ -288,15 +291,6 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _blocks(lora_B: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
-    """Slice ``i``'s rows of ``lora_B``: ``(size_i, r)`` each."""
-    blocks, b_row = [], 0
-    for start, stop in slices:
-        blocks.append(lora_B[b_row : b_row + stop - start])
-        b_row += stop - start
-    return blocks
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """Base linear plus per-slice LoRA update, with a lean backward.
 
@@ -309,7 +303,7 @@ class LoRALinearFunction(torch.autograd.Function):
         scaling: float.
         p: dropout probability on the LoRA branch's input (0 disables dropout).
         fan_in_fan_out: whether ``weight`` is stored transposed.
-        slices: ((start, stop), ...) output columns of each enabled slice.
+        layout: The enabled output slices (:class:`~lora_layers.config.SliceLayout`).
         base_dtype: dtype of the base product and the output (default: ``x``'s).
         lora_dtype: dtype of the LoRA branch (default: ``lora_A``'s).
 
@@ -328,7 +322,7 @@ class LoRALinearFunction(torch.autograd.Function):
         scaling,
         p,
         fan_in_fan_out,
-        slices,
+        layout,
         base_dtype=None,
         lora_dtype=None,
     ):
@@ -354,29 +348,25 @@ class LoRALinearFunction(torch.autograd.Function):
             h = torch.mm(xl, a_l.t())  # (N, R)
             packed = None
         del xl
-        r = lora_B.shape[1]
-        single = len(slices) == 1 and slices[0] == (0, out.shape[1])
-        if single and ld == cd:
+        if layout.is_whole and ld == cd:
             out.addmm_(h, b_l.t(), alpha=alpha)
-        elif single:
+        elif layout.is_whole:
             out.add_(torch.addmm(_zero(h), h, b_l.t(), beta=0, alpha=alpha).to(cd))
         else:
-            for i, ((start, stop), b_i) in enumerate(
-                zip(slices, _blocks(b_l, slices), strict=True)
-            ):
-                h_i = h[:, i * r : (i + 1) * r]
+            for rows, a_rows, b_rows in layout.blocks(lora_B.shape[1]):
+                h_i, b_i = h[:, a_rows], b_l[b_rows]
                 if ld == cd:
-                    out[:, start:stop].addmm_(h_i, b_i.t(), alpha=alpha)
+                    out[:, rows].addmm_(h_i, b_i.t(), alpha=alpha)
                 else:
                     delta = torch.addmm(_zero(h), h_i, b_i.t(), beta=0, alpha=alpha)
-                    out[:, start:stop].add_(delta.to(cd))
+                    out[:, rows].add_(delta.to(cd))
         # Keep the cast weight (as F.linear under autocast does) unless it must be re-cast
         # for its own gradient; everything else is saved as it came and re-cast in backward.
         keep_cast = wc is not weight and not weight.requires_grad
         ctx.save_for_backward(x, wc if keep_cast else weight, lora_A, lora_B, h, packed)
         ctx.alpha, ctx.scaling, ctx.p = alpha, scaling, p
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.slices = slices
+        ctx.layout = layout
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.dtypes = (cd, ld)
         return out
@@ -398,31 +388,26 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def _backward(ctx, g, x, weight, lora_A, lora_B, h, keep):
     """The lean backward: every matmul on the saved tensors, casts redone where needed."""
-    alpha, slices, (cd, ld) = ctx.alpha, ctx.slices, ctx.dtypes
+    alpha, layout, (cd, ld) = ctx.alpha, ctx.layout, ctx.dtypes
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    r = lora_B.shape[1]
-    single = len(slices) == 1 and slices[0] == (0, g.shape[1])
+    single = layout.is_whole
     a_l, b_l = _cast(lora_A, ld), _cast(lora_B, ld)
     g_l = _cast(g, ld)  # (N, out) in the LoRA dtype
     # The scale is applied through the alpha of addmm (beta=0 ignores the input tensor,
     # which only lends its shape), so no extra elementwise op runs for it.
     if single:
-        g_slices, b_blocks = [g_l], [b_l]
+        blocks = [(g_l, h, b_l)]
     else:
-        g_slices = [g_l[:, start:stop] for start, stop in slices]
-        b_blocks = _blocks(b_l, slices)
+        blocks = [(g_l[:, o], h[:, a], b_l[b]) for o, a, b in layout.blocks(lora_B.shape[1])]
 
     grad_B = None
     if need_bb:
-        parts = [
-            torch.addmm(b_i, g_i.t(), h[:, i * r : (i + 1) * r], beta=0, alpha=alpha)
-            for i, (g_i, b_i) in enumerate(zip(g_slices, b_blocks, strict=True))
-        ]
+        parts = [torch.addmm(b_i, g_i.t(), h_i, beta=0, alpha=alpha) for g_i, h_i, b_i in blocks]
         grad_B = _cast(parts[0] if single else torch.cat(parts, dim=0), lora_B.dtype)
 
     u = None  # dL/dh without the scale: g_i @ B_i per slice, side by side: (N, R)
     if need_x or need_a:
-        parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
+        parts = [torch.mm(g_i, b_i) for g_i, _, b_i in blocks]
         u = parts[0] if single else torch.cat(parts, dim=1)
 
     grad_A = spare = None
@@ -477,15 +462,7 @@ def _replay_backward(ctx, g, x, weight, lora_A, lora_B, keep):
         w = _cast(weight, cd)
         out = F.linear(_cast(x, cd), w.t() if ctx.fan_in_fan_out else w)  # bias: g.sum(0)
         h = F.linear(xd, _cast(lora_A, ld))
-        r = lora_B.shape[1]
-        pieces, pos = [], 0
-        for i, ((start, stop), b_i) in enumerate(
-            zip(ctx.slices, _blocks(_cast(lora_B, ld), ctx.slices), strict=True)
-        ):
-            delta = F.linear(h[:, i * r : (i + 1) * r], b_i) * ctx.scaling
-            pieces += [out[:, pos:start], out[:, start:stop] + delta.to(cd)]
-            pos = stop
-        out = torch.cat([*pieces, out[:, pos:]], dim=1)
+        out = _add_plain(out, h, _cast(lora_B, ld), ctx.scaling, ctx.layout)
         grads = (
             torch.autograd.grad(out, [t for _, t in needed], g, create_graph=True) if needed else ()
         )
@@ -508,25 +485,27 @@ def _plain_dropout(x: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
     return torch.where(keep, x, 0.0) * (1.0 / dropout_keep_probability(dropout.p))
 
 
-def _plain_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out, slices):
+def _add_plain(out, h, lora_B, scaling, layout):
+    """``out`` plus each slice's ``scaling * h_i @ B_i.T`` in its columns, with plain ops.
+
+    Out of place (a ``torch.cat`` of the untouched and the updated columns), so autograd,
+    ``torch.compile`` and ``torch.func`` see ordinary differentiable ops.
+    """
+    if layout.is_whole:
+        return out + (F.linear(h, lora_B) * scaling).to(out.dtype)
+    pieces, pos = [], 0
+    for rows, a_rows, b_rows in layout.blocks(lora_B.shape[1]):
+        delta = F.linear(h[..., a_rows], lora_B[b_rows]) * scaling
+        pieces += [out[..., pos : rows.start], out[..., rows] + delta.to(out.dtype)]
+        pos = rows.stop
+    return torch.cat([*pieces, out[..., pos:]], dim=-1)
+
+
+def _plain_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out, layout):
     w = weight.t() if fan_in_fan_out else weight
     out = F.linear(x, w, bias)  # (..., out)
     h = F.linear(_plain_dropout(x, dropout).to(lora_A.dtype), lora_A)  # (..., R)
-    out_features = out.shape[-1]
-    r = lora_B.shape[1]
-    if len(slices) == 1 and slices[0] == (0, out_features):
-        return out + (F.linear(h, lora_B) * scaling).to(out.dtype)
-    pieces, pos, b_row = [], 0, 0
-    for i, (start, stop) in enumerate(slices):
-        if start > pos:
-            pieces.append(out[..., pos:start])
-        b_i = lora_B[b_row : b_row + stop - start]  # (size_i, r)
-        delta = F.linear(h[..., i * r : (i + 1) * r], b_i) * scaling
-        pieces.append(out[..., start:stop] + delta.to(out.dtype))
-        pos, b_row = stop, b_row + stop - start
-    if pos < out_features:
-        pieces.append(out[..., pos:])
-    return torch.cat(pieces, dim=-1)
+    return _add_plain(out, h, lora_B, scaling, layout)
 
 
 def lora_linear(
@@ -538,7 +517,7 @@ def lora_linear(
     scaling: float,
     dropout: nn.Module,
     fan_in_fan_out: bool,
-    slices: tuple[tuple[int, int], ...],
+    layout: SliceLayout,
 ) -> torch.Tensor:
     """Compute ``x @ W.T + b`` plus the LoRA update of each enabled output slice.
 
@@ -551,7 +530,7 @@ def lora_linear(
         scaling: The LoRA scaling factor.
         dropout: The layer's LoRA dropout module (``nn.Dropout`` or ``nn.Identity``).
         fan_in_fan_out: Whether ``weight`` is stored as ``(in, out)``.
-        slices: ``(start, stop)`` output columns of each enabled slice, ascending.
+        layout: The enabled output slices and their blocks of ``lora_A`` / ``lora_B``.
 
     Returns:
         The output, shape ``(..., out)``.
@@ -560,12 +539,12 @@ def lora_linear(
     dtypes = _fast_dtypes(x, weight, bias, lora_A, lora_B)
     if dtypes is None or x.dim() < 1 or torch.compiler.is_compiling() or transforms_active():
         return _plain_lora_linear(
-            x, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out, slices
+            x, weight, bias, lora_A, lora_B, scaling, dropout, fan_in_fan_out, layout
         )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     out = LoRALinearFunction.apply(
-        x2, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, slices, *dtypes
+        x2, weight, bias, lora_A, lora_B, scaling, p, fan_in_fan_out, layout, *dtypes
     )
     return out.view(*lead, out.shape[-1])
 

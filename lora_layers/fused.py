@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .adapter_format import Adapter, AdapterError, LayerSpec
-from .config import SliceLayout
-from .keys import LORA_LEAVES, join_key, split_key
+from .config import FusedSpec, SliceLayout
+from .keys import ADAPTER_LEAVES, LORA_LEAVES, MAGNITUDE_LEAF, join_key, split_key
 from .layouts import PHI3_FUSED, phi3_split_sizes
 
 __all__ = ["PHI3_FUSED", "fuse_separate", "phi3_split_sizes", "split_fused"]
@@ -37,6 +37,12 @@ def _check_convertible(adapter: Adapter, what: str) -> None:
         )
     if adapter.problems:
         raise AdapterError(adapter.problems, context=f"cannot {what} an adapter with problems")
+
+
+def _module_tensors(adapter: Adapter, name: str) -> dict[str, torch.Tensor]:
+    """Copies of the adapter tensors of module ``name`` (its magnitude too, with DoRA)."""
+    keys = (join_key(name, leaf) for leaf in ADAPTER_LEAVES)
+    return {k: adapter.tensors[k].clone() for k in keys if k in adapter.tensors}
 
 
 def _carry_base_weights(adapter: Adapter, converted: set[str], tensors: dict) -> tuple[str, ...]:
@@ -85,12 +91,16 @@ def _split_parts(
     parts: tuple[str, ...],
     sizes: tuple[int, ...],
     enable: tuple[bool, ...],
-    lora: tuple[torch.Tensor, torch.Tensor],
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     tensors: dict[str, torch.Tensor],
     modules: dict[str, LayerSpec],
 ) -> None:
-    """Write one ``Linear`` adapter per enabled part into ``tensors`` / ``modules``."""
-    a, b = lora
+    """Write one ``Linear`` adapter per enabled part into ``tensors`` / ``modules``.
+
+    ``lora`` is ``(lora_A, lora_B, lora_magnitude or None)``; a DoRA magnitude has one entry
+    per row of ``lora_B`` and is split with it (DoRA normalises each output row on its own).
+    """
+    a, b, magnitude = lora
     enabled = [(part, size) for part, size, on in zip(parts, sizes, enable, strict=True) if on]
     blocks = SliceLayout.of(sizes, enable).blocks(spec.r)
     for (part, size), (_, a_rows, b_rows) in zip(enabled, blocks, strict=True):
@@ -99,14 +109,15 @@ def _split_parts(
         a_i = a[a_rows] if spec.layer == "MergedLinear" else a
         tensors[join_key(pname, "lora_A")] = a_i.clone()
         tensors[join_key(pname, "lora_B")] = b[b_rows].clone()
+        if magnitude is not None:
+            tensors[join_key(pname, MAGNITUDE_LEAF)] = magnitude[b_rows].clone()
         shape = (spec.in_features, size) if spec.fan_in_fan_out else (size, spec.in_features)
         modules[pname] = dataclasses.replace(
             spec,
             layer="Linear",
             out_features=size,
             weight_shape=shape,
-            enable_lora=None,
-            split_sizes=None,
+            config=dataclasses.replace(spec.config, fused=None),
         )
 
 
@@ -150,12 +161,10 @@ def split_fused(
     for name, spec in adapter.modules.items():
         parent, leaf = split_key(name)
         a, b = (adapter.tensors[join_key(name, x)] for x in LORA_LEAVES)
+        magnitude = adapter.tensors.get(join_key(name, MAGNITUDE_LEAF))
         if leaf not in fused:
             modules[name] = spec
-            tensors[join_key(name, "lora_A")], tensors[join_key(name, "lora_B")] = (
-                a.clone(),
-                b.clone(),
-            )
+            tensors.update(_module_tensors(adapter, name))
             continue
         parts = tuple(fused[leaf])
         found = _split_layout(adapter, name, spec, parts, _lookup_sizes(split_sizes, name, leaf))
@@ -163,7 +172,7 @@ def split_fused(
             problems.append(found)
             continue
         sizes, enable = found
-        _split_parts(spec, parent, parts, sizes, enable, (a, b), tensors, modules)
+        _split_parts(spec, parent, parts, sizes, enable, (a, b, magnitude), tensors, modules)
         split_done[name] = (parent, sizes, parts)
     if problems:
         raise AdapterError(problems, context="cannot split the fused adapters")
@@ -189,7 +198,7 @@ def split_fused(
 
 
 _SHARED = ("r", "lora_alpha", "use_rslora", "lora_dropout", "fan_in_fan_out")
-_SHARED += ("merge_weights", "in_features", "dtype")
+_SHARED += ("merge_weights", "in_features", "dtype", "use_dora")
 
 
 def _fuse_problems(
@@ -265,11 +274,7 @@ def fuse_separate(
             groups.setdefault(join_key(parent, fl), {})[i] = name
     grouped = {n for members in groups.values() for n in members.values()}
     modules = {n: s for n, s in adapter.modules.items() if n not in grouped}
-    tensors = {
-        join_key(n, x): adapter.tensors[join_key(n, x)].clone()
-        for n in modules
-        for x in LORA_LEAVES
-    }
+    tensors = {k: t for n in modules for k, t in _module_tensors(adapter, n).items()}
     problems = []
     fused_bias: dict[str, list[str]] = {}
     for fname, members in groups.items():
@@ -293,15 +298,19 @@ def fuse_separate(
         tensors[join_key(fname, "lora_B")] = torch.cat(
             [adapter.tensors[join_key(members[i], "lora_B")] for i in order]
         )
+        if first.use_dora:  # one magnitude entry per row of lora_B, in output order
+            tensors[join_key(fname, MAGNITUDE_LEAF)] = torch.cat(
+                [adapter.tensors[join_key(members[i], MAGNITUDE_LEAF)] for i in order]
+            )
         out_f = sum(sizes)
         in_f = first.in_features
+        enable = tuple(i in members for i in range(len(parts)))
         modules[fname] = dataclasses.replace(
             first,
             layer="MergedLinear",
             out_features=out_f,
             weight_shape=(in_f, out_f) if first.fan_in_fan_out else (out_f, in_f),
-            enable_lora=tuple(i in members for i in range(len(parts))),
-            split_sizes=sizes,
+            config=dataclasses.replace(first.config, fused=FusedSpec(sizes, enable)),
         )
         if with_bias:
             fused_bias[fname] = [members[i] for i in range(len(parts))]

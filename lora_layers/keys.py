@@ -1,7 +1,7 @@
 """The key vocabulary of adapters: state-dict keys, module names and their normal form.
 
 An adapter key is ``<module>.<leaf>`` with leaf ``lora_A`` / ``lora_B`` (:data:`LORA_LEAVES`),
-``bias`` or ``weight``. Module names are compared in normal form: without the prefixes that
+``lora_magnitude`` (DoRA layers, :data:`MAGNITUDE_LEAF`), ``bias`` or ``weight``. Module names are compared in normal form: without the prefixes that
 ``torch.compile`` (``_orig_mod.``), DDP (``module.``) and PEFT (``base_model.model.``) add.
 """
 
@@ -13,9 +13,13 @@ import torch
 from torch import nn
 
 from .base import LoRALayer
+from .dora import MAGNITUDE_LEAF  # the leaf of a DoRA layer's magnitude, re-exported here
 
 __all__ = [
+    "ADAPTER_LEAVES",
     "LORA_LEAVES",
+    "MAGNITUDE_LEAF",
+    "layer_leaves",
     "join_key",
     "module_aliases",
     "module_index",
@@ -26,6 +30,15 @@ __all__ = [
 ]
 
 LORA_LEAVES = ("lora_A", "lora_B")
+#: Every per-layer adapter leaf a file may hold.
+ADAPTER_LEAVES = (*LORA_LEAVES, MAGNITUDE_LEAF)
+
+
+def layer_leaves(layer: LoRALayer) -> tuple[str, ...]:
+    """The adapter leaves ``layer`` holds: ``lora_A``, ``lora_B`` and, with DoRA, the magnitude."""
+    if getattr(layer, "use_dora", False) and layer.r > 0:
+        return ADAPTER_LEAVES
+    return LORA_LEAVES
 
 
 def normalize_key(key: str) -> str:

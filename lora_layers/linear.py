@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LoRALayer
+from .config import SliceLayout
 from .functional import lora_linear
 
 __all__ = ["Linear"]
+
+_NO_DROPOUT = nn.Identity()  # the dropout DoRA's dropped branch passes on (already applied)
 
 
 class Linear(LoRALayer, nn.Linear):
@@ -35,13 +38,19 @@ class Linear(LoRALayer, nn.Linear):
         merge_weights (bool): Merge on ``eval()`` and unmerge on ``train()``.
         bias (bool): Whether the layer has a bias.
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora (bool): DoRA: a trainable magnitude ``lora_magnitude`` ``(out_features,)``
+            rescales each output row by ``m / ||W + s B A||`` (see :mod:`lora_layers.dora`).
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
+        slice_layout (SliceLayout | None): The output slices that get LoRA (default: one
+            slice over every output); :class:`~lora_layers.MergedLinear` passes its own.
 
     Raises:
-        TypeError: If ``r`` is not an int, or ``lora_alpha``/``lora_dropout`` not numbers.
-        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, or ``lora_dropout``
-            outside ``[0, 1)``.
+        TypeError: If ``r`` is not an int, ``lora_alpha``/``lora_dropout`` not numbers, or
+            ``use_dora`` not a bool.
+        ValueError: If ``r < 0``, ``lora_alpha <= 0`` with ``r > 0``, ``lora_dropout``
+            outside ``[0, 1)``, ``slice_layout`` is for another output size, or
+            ``use_dora=True`` with ``r=0``.
     """
 
     def __init__(
@@ -57,24 +66,32 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        slice_layout: SliceLayout | None = None,
+        use_dora: bool = False,
     ) -> None:
+        layout = slice_layout or SliceLayout.whole(out_features)
+        if layout.out_features != out_features:
+            raise ValueError(f"{layout} is for {layout.out_features} outputs, not {out_features}")
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.fan_in_fan_out = bool(fan_in_fan_out)
         if self.fan_in_fan_out:
             # Same values and init as nn.Linear, stored transposed: (in, out).
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
-        self._slices = self._enabled_slices()  # ((start, stop), ...) output columns with LoRA
-        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, bool(self._slices))
+        self.slice_layout = layout  # output rows with LoRA; their blocks of lora_A / lora_B
+        active = bool(layout.out_slices)
+        self._setup_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, active, use_dora)
+        layout.blocks(self.r)  # computed now: forwards (and torch.compile traces) only read it
         self._init_lora_parameters(self.weight.device, self.weight.dtype)
-
-    def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
-        return ((0, self.out_features),)
 
     wraps = nn.Linear
 
     def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``lora_A``: ``(r, in_features)``; ``lora_B``: ``(out_features, r)``."""
-        return (self.r, self.in_features), (self.out_features, self.r)
+        """``lora_A``: ``(r * n_slices, in_features)``; ``lora_B``: ``(slice rows, r)``.
+
+        One slice (a plain ``Linear``): ``(r, in_features)`` and ``(out_features, r)``.
+        """
+        return self.slice_layout.lora_shapes(self.r, self.in_features)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``weight``/``bias`` as ``nn.Linear`` does and ``lora_A``/``lora_B``.
@@ -116,14 +133,20 @@ class Linear(LoRALayer, nn.Linear):
         plain._parameters.update(weight=None, bias=None)
         return plain
 
+    def _dora_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.fan_in_fan_out else weight  # (out, in)
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for fp64 layers), shape ``(out, in)``.
+
+        Per slice: ``scaling * B_i @ A_i`` in its rows, zeros elsewhere, so rows without LoRA
+        merge to ``W`` bit for bit.
 
         Returns:
             The update, transposed to ``(in, out)`` with ``fan_in_fan_out``.
         """
-        dtype = self._merge_dtype()
-        delta = self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # (out, in)
+        layout, dtype = self.slice_layout, self._merge_dtype()
+        delta = layout.delta_weight(self.lora_A, self.lora_B, self.scaling, dtype)  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +154,8 @@ class Linear(LoRALayer, nn.Linear):
         if self._use_merged():
             weight = self.merged_weight
         elif self._lora_active():
+            if self.use_dora:
+                return self._dora_forward(x)
             return lora_linear(
                 x,
                 self.weight,
@@ -140,11 +165,24 @@ class Linear(LoRALayer, nn.Linear):
                 self.scaling,
                 self.lora_dropout,
                 self.fan_in_fan_out,
-                self._slices,
+                self.slice_layout,
             )
         else:
             weight = self.weight
         return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA on the LoRA output (see :mod:`lora_layers.dora`), PEFT's way under dropout."""
+        args = (self.lora_A, self.lora_B, self.scaling)
+        layout = (self.fan_in_fan_out, self.slice_layout)
+        if not (self.training and self.dropout_p > 0):
+            out = lora_linear(x, self.weight, self.bias, *args, self.lora_dropout, *layout)
+            return self.dora_combine(out, self.bias)
+        # As PEFT: the base product of the undropped input, and DoRA's terms on the dropped one.
+        w = self.weight.t() if self.fan_in_fan_out else self.weight
+        x_d = self.lora_dropout(x)
+        dropped = lora_linear(x_d, self.weight, None, *args, _NO_DROPOUT, *layout)
+        return self.dora_combine_dropout(F.linear(x, w, self.bias), dropped, F.linear(x_d, w))
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + ", " + self.lora_extra_repr()

@@ -31,7 +31,16 @@ from .adapter_format import (
 )
 from .adapter_io import PICKLE_SUFFIXES, load_pickle, read_adapter
 from .base import LoRALayer
-from .keys import LORA_LEAVES, join_key, module_aliases, module_index, split_key
+from .keys import (
+    ADAPTER_LEAVES,
+    LORA_LEAVES,
+    MAGNITUDE_LEAF,
+    join_key,
+    layer_leaves,
+    module_aliases,
+    module_index,
+    split_key,
+)
 from .kinds import LAYER_KINDS, is_hf_conv1d
 from .load_report import AdapterLoadError, LoadReport, refuse_load
 from .quantized import dense_weight_shape
@@ -83,10 +92,20 @@ def _peft_hint(key: str) -> str:
 def _check_file_tensors(
     report: LoadReport, adapter: Adapter, name: str, spec: LayerSpec | None, claimed: set[str]
 ) -> bool:
-    """Check a module's ``lora_A`` / ``lora_B`` in the file against its metadata."""
+    """Check a module's ``lora_A`` / ``lora_B`` (/ ``lora_magnitude``) against its metadata."""
     ok = True
-    shapes = spec.lora_shapes() if spec is not None else (None, None)
-    for leaf, shape in zip(LORA_LEAVES, shapes, strict=True):
+    shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(LORA_LEAVES)
+    magnitude = join_key(name, MAGNITUDE_LEAF)
+    if spec is not None:
+        shapes = dict(spec.tensor_shapes())
+        if not spec.use_dora and magnitude in adapter.tensors:
+            why = f"the file's metadata says {name!r} is not a DoRA layer (use_dora false)"
+            report.add("unexpected_keys", magnitude, why)
+            claimed.add(magnitude)
+            ok = False
+    elif magnitude in adapter.tensors:  # a bare state dict: checked against the model's layer
+        shapes[MAGNITUDE_LEAF] = None
+    for leaf, shape in shapes.items():
         key = join_key(name, leaf)
         if key not in adapter.tensors:
             report.add("missing_keys", key, "described in the file's metadata but not stored")
@@ -95,7 +114,8 @@ def _check_file_tensors(
         claimed.add(key)
         t = adapter.tensors[key]
         if shape is not None and shape_of(t) != shape:
-            why = f"file {shape_of(t)}, metadata (r={spec.r}) implies {shape}"
+            implied = f"r={spec.r}" if leaf in LORA_LEAVES else "its output size"
+            why = f"file {shape_of(t)}, metadata ({implied}) implies {shape}"
             report.add("shape_mismatches", key, why)
             ok = False
         if spec is not None and dtype_name(t.dtype) != spec.dtype:
@@ -117,15 +137,42 @@ def _check_lora_layer(
     ok = True
     if spec is not None:
         for diff in spec.differences(LayerSpec.from_layer(layer)):
+            if diff.startswith("use_dora:"):
+                diff += f" ({_DORA_HINT})"
             report.add("config_mismatches", name, diff)
             ok = False
-    for leaf in LORA_LEAVES:
+    else:
+        ok = _check_bare_magnitude(report, adapter, name, layer) and ok
+    for leaf in layer_leaves(layer):
         key, param = join_key(name, leaf), getattr(layer, leaf)
         t = adapter.tensors.get(key)
         if t is not None and shape_of(t) != shape_of(param) and key not in report.shape_mismatches:
             report.add("shape_mismatches", key, f"file {shape_of(t)}, model {shape_of(param)}")
             ok = False
     return ok
+
+
+_DORA_HINT = (
+    "a DoRA adapter loads into DoRA layers (inject_lora(..., use_dora=True)) or a plain model, "
+    "a plain LoRA adapter into plain LoRA layers"
+)
+
+
+def _check_bare_magnitude(
+    report: LoadReport, adapter: Adapter, name: str, layer: LoRALayer
+) -> bool:
+    """Check a bare state dict's magnitude (or its absence) against the model's layer."""
+    key = join_key(name, MAGNITUDE_LEAF)
+    dora = MAGNITUDE_LEAF in layer_leaves(layer)
+    if key in adapter.tensors and not dora:
+        why = f"the model's layer {name!r} is not a DoRA layer (use_dora=False); {_DORA_HINT}"
+        report.add("unexpected_keys", key, why)
+        return False
+    if key not in adapter.tensors and dora:
+        why = f"the model's layer {name!r} is a DoRA layer; the state dict has no magnitude"
+        report.add("missing_keys", key, why)
+        return False
+    return True
 
 
 def _injection_problem(spec: LayerSpec, module: nn.Module, raw_name: str) -> str | None:
@@ -165,7 +212,7 @@ def _plan_module(
     into ``report``; the module's keys found in the file go into ``claimed``.
     """
     ok = _check_file_tensors(report, adapter, name, spec, claimed)
-    present = [k for k in (join_key(name, leaf) for leaf in LORA_LEAVES) if k in adapter.tensors]
+    present = [k for k in (join_key(name, x) for x in ADAPTER_LEAVES) if k in adapter.tensors]
     entry = index.get(model_name)
     if entry is None:
         for key in present:
@@ -210,8 +257,10 @@ def _same_adapter(adapter: Adapter, name: str, other: str) -> bool:
     specs = adapter.modules or {}
     if specs.get(name) != specs.get(other):
         return False
-    for leaf in LORA_LEAVES:
+    for leaf in ADAPTER_LEAVES:
         a, b = adapter.tensors.get(join_key(name, leaf)), adapter.tensors.get(join_key(other, leaf))
+        if a is None and b is None and leaf == MAGNITUDE_LEAF:
+            continue
         if a is None or b is None or a.dtype != b.dtype or not torch.equal(a, b):
             return False
     return True
@@ -228,7 +277,7 @@ def _adapter_modules(adapter: Adapter) -> dict[str, LayerSpec | None]:
     names: dict[str, LayerSpec | None] = {}
     for key in adapter.tensors:
         name, leaf = split_key(key)
-        if leaf in LORA_LEAVES:
+        if leaf in ADAPTER_LEAVES:
             names.setdefault(name, None)
     return names
 
@@ -247,7 +296,7 @@ def _plan_modules(
         if model_name in first_name:
             # Two names of one module (model.a is model.b): one adapter, loaded once.
             other = first_name[model_name]
-            claimed.update(join_key(name, leaf) for leaf in LORA_LEAVES)
+            claimed.update(join_key(name, leaf) for leaf in ADAPTER_LEAVES)
             if not _same_adapter(adapter, name, other):
                 report.add(
                     "config_mismatches",
@@ -262,12 +311,12 @@ def _plan_modules(
             plan.raw_names = tuple(raw_names.get(id(plan.module), [plan.raw_name]))
             plans.append(plan)
     for name in adapter.invalid_modules:
-        claimed.update(join_key(name, leaf) for leaf in LORA_LEAVES)
+        claimed.update(join_key(name, leaf) for leaf in ADAPTER_LEAVES)
     covered = set(first_name) | {aliases.get(n, n) for n in adapter.invalid_modules}
     # LoRA layers of the model the file says nothing about.
     for norm, (_, module) in index.items():
         if isinstance(module, LoRALayer) and module.r > 0 and norm not in covered:
-            for leaf in LORA_LEAVES:
+            for leaf in layer_leaves(module):
                 report.add(
                     "missing_keys",
                     join_key(norm, leaf),
@@ -390,7 +439,7 @@ def _prepare(
         kept.append((plan, layer))
     new: dict[int, torch.Tensor] = {}
     for plan, layer in kept:
-        for leaf in LORA_LEAVES:
+        for leaf in layer_leaves(layer):
             new[id(getattr(layer, leaf))] = adapter.tensors[join_key(plan.name, leaf)]
     for _, param, t, _ in params:
         new[id(param)] = t
@@ -435,7 +484,7 @@ def _apply(
                 for p, flag in plan.requires_grad:
                     p.requires_grad_(flag)
                 report.injected_modules.append(plan.name)
-            for leaf in LORA_LEAVES:
+            for leaf in layer_leaves(layer):
                 key = join_key(plan.name, leaf)
                 getattr(layer, leaf).copy_(adapter.tensors[key])
                 report.loaded_keys.append(key)

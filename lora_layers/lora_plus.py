@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from .conv import Conv1d, Conv2d, Conv3d
+from .dora import MAGNITUDE_LEAF
 from .embedding import Embedding
 
 __all__ = ["lora_plus_param_groups"]
@@ -69,11 +71,16 @@ def lora_plus_param_groups(
       parameter of two or more dimensions (a trainable head, a full layer);
     - ``"embedding"`` at ``lr_embedding`` with ``weight_decay``: the trainable parameters of
       a LoRA :class:`~lora_layers.Embedding` (``r > 0``): its ``lora_A`` and ``lora_B``, and
-      its table if that is trainable;
+      its table if that is trainable (not its DoRA magnitude: see below);
     - ``"lora_B"`` at ``lr * lr_ratio`` with ``weight_decay``: ``lora_B``, and every 1-D
       parameter (biases, norm scales), except those of the next group;
     - ``"lora_B_no_decay"`` at ``lr * lr_ratio`` with weight decay 0: those of the
       ``"lora_B"`` kind that are named ``bias`` or sit inside an ``nn.LayerNorm``.
+
+    DoRA magnitudes (``lora_magnitude``) go where PEFT's ``lora_magnitude_vector`` goes:
+    PEFT stores a convolution's as ``(1, out_channels, 1, ...)``, so it counts as a matrix
+    (``"lora_A"``), and every other one (linear, fused, embedding) is 1-D (``"lora_B"``;
+    PEFT's embedding test does not reach it, as it sits one dict deeper).
 
     As in PEFT, every 1-D trainable parameter (a bias, an RMSNorm or LayerNorm scale) learns
     at the ``B`` rate, and ``lr_embedding`` is an absolute learning rate (PEFT's default
@@ -133,7 +140,10 @@ def lora_plus_param_groups(
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = modules[owner_name]
-        if isinstance(owner, Embedding) and owner.r > 0:
+        if attr == MAGNITUDE_LEAF:  # DoRA: where PEFT's lora_magnitude_vector lands
+            conv = isinstance(owner, (Conv1d, Conv2d, Conv3d))
+            groups["lora_A" if conv else "lora_B"].append(param)
+        elif isinstance(owner, Embedding) and owner.r > 0:
             groups["embedding"].append(param)
         elif attr == "lora_B" or param.ndim == 1:
             no_decay = attr == "bias" or _in_layer_norm(name, modules)

@@ -44,6 +44,8 @@ class MergedLinear(Linear):
             grouped-query attention. Default: ``out_features`` split equally.
         bias (bool): Whether the layer has a bias.
         use_rslora (bool): Use ``scaling = lora_alpha / sqrt(r)``.
+        use_dora (bool): DoRA on the enabled slices: ``lora_magnitude`` has one entry per
+            enabled row (enabled slices in output order); disabled rows stay the base's.
         device (torch.device | str | None): Device of the parameters.
         dtype (torch.dtype | None): Dtype of the parameters.
 
@@ -69,11 +71,10 @@ class MergedLinear(Linear):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
-        self.enable_lora, self.split_sizes = check_slices(out_features, enable_lora, split_sizes)
-        self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
-        # No enabled slice means no LoRA at all (r is still validated first).
-        super().__init__(
+        enable_lora, split_sizes = check_slices(out_features, enable_lora, split_sizes)
+        super().__init__(  # no enabled slice: no LoRA at all (r is still validated)
             in_features,
             out_features,
             r=r,
@@ -85,32 +86,10 @@ class MergedLinear(Linear):
             use_rslora=use_rslora,
             device=device,
             dtype=dtype,
+            slice_layout=SliceLayout.of(split_sizes, enable_lora),
+            use_dora=use_dora,
         )
-
-    def _enabled_slices(self) -> tuple[tuple[int, int], ...]:
-        return self.slice_layout.out_slices
-
-    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``lora_A``: ``(r * n_enabled, in)``; ``lora_B``: ``(enabled rows, r)``."""
-        n_enabled = len(self.slice_layout.out_slices)
-        return (self.r * n_enabled, self.in_features), (self.slice_layout.b_rows, self.r)
-
-    def delta_weight(self) -> torch.Tensor:
-        """Per-slice ``scaling * B_i @ A_i`` placed in its rows, zeros elsewhere.
-
-        Returns:
-            A float32 (float64 for float64 layers) tensor of ``weight``'s shape; disabled
-            slices' rows are exactly zero, so they merge to ``W`` bit for bit.
-        """
-        dtype = self._merge_dtype()
-        delta = torch.zeros(
-            self.out_features, self.in_features, dtype=dtype, device=self.weight.device
-        )
-        for out, a_rows, b_rows in self.slice_layout.blocks(self.r):
-            a_i = self.lora_A[a_rows].to(dtype)  # (r, in)
-            b_i = self.lora_B[b_rows].to(dtype)  # (size_i, r)
-            delta[out] = self.scaling * (b_i @ a_i)
-        return delta.t() if self.fan_in_fan_out else delta
+        self.enable_lora, self.split_sizes = enable_lora, split_sizes
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,7 @@ from torch import nn
 
 from .adapter_format import (
     AdapterError,
+    dora_magnitude,
     full_tensor,
 )
 from .adapter_io import (
@@ -32,6 +33,8 @@ from .adapter_io import (
     save_tensors,
 )
 from .keys import (
+    MAGNITUDE_LEAF,
+    layer_leaves,
     module_index,
     normalize_name,
     split_key,
@@ -91,10 +94,37 @@ def _peft_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
     return {re.escape(n): values[n] for n in order}
 
 
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight as PEFT's DoRA sees it: ``(out, in)``, dequantized if quantized."""
+    weight = layer.dequantize() if hasattr(layer, "dequantize") else layer.weight
+    weight = full_tensor(weight.detach())
+    return weight.T if getattr(layer, "fan_in_fan_out", False) else weight
+
+
+def _peft_magnitude(layer: nn.Module, m: torch.Tensor) -> torch.Tensor:
+    """A fused layer's magnitude over all its rows, as PEFT's whole-matrix DoRA needs it.
+
+    PEFT's DoRA scales every row of the fused matrix by ``m / ||W + s B A||``. A disabled
+    slice's rows have zero ``B``, so their norm is ``||W_row||`` exactly; giving them
+    ``m = ||W_row||``, computed as PEFT computes it, makes the factor exactly 1 and their
+    output the base output, as in the lora_layers layer. PEFT computes that norm in the
+    adapter's dtype, which its default loading (``autocast_adapter_dtype``) makes float32
+    for float16 / bfloat16 adapters, so the vector is written in float32 (float64 for a
+    float64 adapter): a rounded ``||W_row||`` would not divide to exactly 1.
+    """
+    dtype = torch.promote_types(m.dtype, torch.float32)
+    weight = _dense_weight(layer).to(dtype)
+    full = torch.linalg.norm(weight, dim=1).to(dtype)
+    for out, _, b_rows in layer.slice_layout.blocks(layer.r):
+        full[out] = m[b_rows].to(dtype)
+    return full
+
+
 def _peft_tensors(name: str, layer: nn.Module) -> tuple[dict[str, torch.Tensor], int, list[str]]:
     """One layer's PEFT tensors, its number of fused slices, and why PEFT cannot hold it."""
     kind = layer_kind(layer)
     a, b = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
+    m = dora_magnitude(layer) if MAGNITUDE_LEAF in layer_leaves(layer) else None
     n_slices, problems = 1, []
     if kind == "MergedLinear":
         blocks = layer.slice_layout.blocks(layer.r)
@@ -103,6 +133,8 @@ def _peft_tensors(name: str, layer: nn.Module) -> tuple[dict[str, torch.Tensor],
         for out, a_rows, b_rows in blocks:  # slice i's B in its rows and its own r columns
             b_full[out, a_rows] = b[b_rows]
         b = b_full
+        if m is not None:
+            m = _peft_magnitude(layer, m)
     elif kind in CONV_DIMS:
         if layer.groups != 1 or any(d != 1 for d in layer.dilation):
             problems.append(
@@ -113,10 +145,28 @@ def _peft_tensors(name: str, layer: nn.Module) -> tuple[dict[str, torch.Tensor],
             problems.append(f"{name}: padding_mode={layer.padding_mode!r} (PEFT uses zeros)")
         a = a.reshape(layer.r, *layer.weight.shape[1:])
         b = b.reshape(layer.out_channels, layer.r, *([1] * CONV_DIMS[kind]))
+        if m is not None:  # PEFT keeps a conv's magnitude as (1, out_channels, 1, ...)
+            m = m.reshape(1, layer.out_channels, *([1] * CONV_DIMS[kind]))
     prefix = f"base_model.model.{name}"
     if kind == "Embedding":
-        return {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}, 1, problems
-    return {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}, n_slices, problems
+        tensors = {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
+    else:
+        tensors = {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
+    if m is not None:
+        tensors[f"{prefix}.lora_magnitude_vector"] = m
+    return tensors, n_slices, problems
+
+
+def _dora_mix_problems(entries: list) -> list[str]:
+    """PEFT has one ``use_dora`` for every layer: refuse a model mixing DoRA and plain LoRA."""
+    dora = [name for name, layer, *_ in entries if MAGNITUDE_LEAF in layer_leaves(layer)]
+    if not dora or len(dora) == len(entries):
+        return []
+    plain = [name for name, *_ in entries if name not in dora]
+    return [
+        f"PEFT's use_dora is one setting for all layers, but {dora} use DoRA and {plain} "
+        "do not; export them as two adapters or give every layer the same use_dora"
+    ]
 
 
 def _peft_target_modules(index: Mapping[str, Any], targets: set[str]) -> list[str] | str:
@@ -172,7 +222,7 @@ def _peft_config(
         "use_rslora": use_rslora,
         "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer, *_ in entries),
         "bias": bias,
-        "use_dora": False,
+        "use_dora": all(MAGNITUDE_LEAF in layer_leaves(layer) for _, layer, *_ in entries),
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -198,7 +248,11 @@ def export_peft(
     (``lora_A`` is already the stack of the slices' A; ``lora_B`` places each slice's B in its
     rows and its own ``r`` columns, zeros elsewhere) with alpha ``alpha*n`` (``alpha*sqrt(n)``
     with rsLoRA), so the scaling is unchanged. Ranks and alphas that differ from the most
-    common ones go into ``rank_pattern`` / ``alpha_pattern``. PEFT has one ``lora_dropout``
+    common ones go into ``rank_pattern`` / ``alpha_pattern``. DoRA layers export their
+    ``lora_magnitude`` as PEFT's ``lora_magnitude_vector`` with ``use_dora: true`` (every
+    layer must then be DoRA: PEFT has one ``use_dora``); a fused layer's disabled slices get
+    the magnitude ``||W_row||``, which makes PEFT's whole-matrix DoRA leave their rows exactly
+    as the base (see :func:`_peft_magnitude`). PEFT has one ``lora_dropout``
     for all layers: the most common one is written, with a warning when they differ (dropout
     only affects training).
 
@@ -214,7 +268,8 @@ def export_peft(
 
     Raises:
         AdapterError: For layers PEFT cannot represent exactly (convolutions with groups,
-            dilation or non-zero padding modes) or a model without LoRA layers.
+            dilation or non-zero padding modes, DoRA layers mixed with plain LoRA layers) or
+            a model without LoRA layers.
     """
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got bias={bias!r}")
@@ -227,6 +282,7 @@ def export_peft(
         entries.append((name, layer, layer.r * n_slices, n_slices, tensors))
     if not entries:
         raise AdapterError("the model has no LoRA layer with r > 0; nothing to export")
+    problems += _dora_mix_problems(entries)
     if problems:
         raise AdapterError(problems, context="cannot export to PEFT")
     config = _peft_config(entries, module_index(model)[0], base_model_name_or_path, bias)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from .adapter_format import (
+    DTYPES,
     Adapter,
     AdapterError,
     LayerSpec,
-    dtype_name,
     shape_of,
 )
 from .adapter_io import (
@@ -35,7 +35,9 @@ from .adapter_io import (
     load_pickle,
     read_safetensors,
 )
+from .config import LoRAConfig
 from .keys import (
+    MAGNITUDE_LEAF,
     join_key,
     module_aliases,
     module_index,
@@ -51,7 +53,6 @@ __all__ = ["export_peft", "import_peft", "read_peft"]
 
 
 _PEFT_UNSUPPORTED = (
-    "use_dora",
     "lora_bias",
     "modules_to_save",
     "target_parameters",
@@ -96,7 +97,7 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
     dropout = config.get("lora_dropout", 0.0)
     if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
         problems.append(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
-    for name in ("use_rslora", "fan_in_fan_out"):
+    for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(config.get(name, False), bool):
             problems.append(f"{where}: {name} must be true or false, got {config[name]!r}")
     for name, bad, what in (
@@ -162,6 +163,7 @@ _PEFT_SUFFIXES = {
     ".lora_B.weight": "B",
     ".lora_embedding_A": "EA",
     ".lora_embedding_B": "EB",
+    ".lora_magnitude_vector": "M",
 }
 
 
@@ -203,50 +205,68 @@ def _pads_otherwise(existing: nn.Module | None, spec: LayerSpec) -> bool:
     return spec.layer in CONV_DIMS and getattr(existing, "padding_mode", "zeros") != "zeros"
 
 
-def _peft_layer(
-    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], existing: nn.Module | None
-) -> tuple[LayerSpec | None, torch.Tensor | None, torch.Tensor | None, list[str]]:
-    """``(spec, lora_A, lora_B, problems)`` of one PEFT module (spec None: not loadable)."""
+def _peft_pair(
+    name: str, parts: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, list[str]]:
+    """``(lora_A, lora_B, is_embedding, problems)`` of one PEFT module's tensors."""
     emb = "EA" in parts or "EB" in parts
     a, b = (parts.get("EA"), parts.get("EB")) if emb else (parts.get("A"), parts.get("B"))
     if a is None or b is None or (emb and ("A" in parts or "B" in parts)):
-        return (
-            None,
-            None,
-            None,
-            [f"{name}: expected one lora_A and one lora_B, got {sorted(parts)}"],
-        )
-    r, problems = int(a.shape[0]), []
-    rank_pattern, alpha_pattern = (
-        config.get("rank_pattern") or {},
-        config.get("alpha_pattern") or {},
-    )
+        pairs = sorted(k for k in parts if k != "M")
+        return None, None, emb, [f"{name}: expected one lora_A and one lora_B, got {pairs}"]
+    return a, b, emb, []
+
+
+def _peft_rank_problems(name: str, r: int, config: dict[str, Any]) -> list[str]:
+    rank_pattern = config.get("rank_pattern") or {}
     rank_key = peft_pattern_key(rank_pattern, name)
     expected_r = rank_pattern.get(rank_key, config.get("r", 8))
-    if r != expected_r:
-        field = "r" if rank_key is None else f"rank_pattern[{rank_key!r}]"
-        problems.append(
-            f"{name}: lora_A has rank {r} but {PEFT_CONFIG_NAME} says {field}={expected_r}"
-        )
+    if r == expected_r:
+        return []
+    field = "r" if rank_key is None else f"rank_pattern[{rank_key!r}]"
+    return [f"{name}: lora_A has rank {r} but {PEFT_CONFIG_NAME} says {field}={expected_r}"]
+
+
+def _peft_magnitude(
+    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], out_f: int, a_dtype
+) -> tuple[torch.Tensor | None, list[str]]:
+    """The module's DoRA magnitude as ``(out,)`` (PEFT's conv one is ``(1, out, 1, ...)``)."""
+    m, dora = parts.get("M"), bool(config.get("use_dora", False))
+    if dora and m is None:
+        why = f"{PEFT_CONFIG_NAME} says use_dora=true but the weights have no lora_magnitude_vector"
+        return None, [f"{name}: {why}"]
+    if m is not None and not dora:
+        why = f"has a lora_magnitude_vector but {PEFT_CONFIG_NAME} says use_dora=false"
+        return None, [f"{name}: {why}"]
+    if m is not None and m.dim() > 1 and m.numel() == out_f and m.shape[1] == out_f:
+        m = m.reshape(out_f)  # a convolution's (1, out_channels, 1, ...)
+    if m is not None and m.dtype != a_dtype and {m.dtype, a_dtype} <= set(DTYPES):
+        m = m.to(a_dtype)  # one LoRA dtype per layer (export_peft writes fused ones in fp32)
+    return m, []
+
+
+def _peft_layer(
+    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any], existing: nn.Module | None
+) -> tuple[LayerSpec | None, dict[str, torch.Tensor], list[str]]:
+    """``(spec, tensors by leaf, problems)`` of one PEFT module (spec None: not loadable)."""
+    a, b, emb, problems = _peft_pair(name, parts)
+    if a is None or b is None:
+        return None, {}, problems
+    r = int(a.shape[0])
+    problems += _peft_rank_problems(name, r, config)
     fif = False
     in_f, out_f = int(a.shape[1]), int(b.shape[0])
     if emb:
         kind, weight_shape = "Embedding", (in_f, out_f)
     elif a.dim() == 2:
-        kind, fif = (
-            "Linear",
-            _linear_fan_in_fan_out(existing, bool(config.get("fan_in_fan_out", False))),
-        )
+        default_fif = bool(config.get("fan_in_fan_out", False))
+        kind, fif = "Linear", _linear_fan_in_fan_out(existing, default_fif)
         weight_shape = (in_f, out_f) if fif else (out_f, in_f)
     elif a.dim() in (3, 4, 5):
         kind, weight_shape = f"Conv{a.dim() - 2}d", (out_f, *(int(s) for s in a.shape[1:]))
         if b.dim() != a.dim() or any(s != 1 for s in b.shape[2:]) or b.shape[1] != r:
-            return (
-                None,
-                a,
-                b,
-                [*problems, f"{name}: lora_B {shape_of(b)} is not a 1x1 conv of rank {r}"],
-            )
+            why = f"{name}: lora_B {shape_of(b)} is not a 1x1 conv of rank {r}"
+            return None, {"lora_A": a, "lora_B": b}, [*problems, why]
         a, b = a.reshape(r, -1), b.reshape(out_f, r)
         padding_mode = getattr(existing, "padding_mode", "zeros")
         if padding_mode != "zeros":
@@ -256,28 +276,28 @@ def _peft_layer(
                 "this adapter cannot reproduce PEFT's outputs (export_peft refuses it too)"
             )
     else:
-        return (
-            None,
-            a,
-            b,
-            [*problems, f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has"],
-        )
-    spec = LayerSpec(
-        layer=kind,
+        why = f"{name}: lora_A has {a.dim()} dims; not a LoRA layer lora_layers has"
+        return None, {"lora_A": a, "lora_B": b}, [*problems, why]
+    magnitude, bad = _peft_magnitude(name, parts, config, out_f, a.dtype)
+    tensors = {"lora_A": a, "lora_B": b}
+    if magnitude is not None:
+        tensors[MAGNITUDE_LEAF] = magnitude
+    if bad:
+        return None, tensors, problems + bad
+    alpha_pattern = config.get("alpha_pattern") or {}
+    lora_config = LoRAConfig(
         r=r,
         lora_alpha=alpha_pattern.get(
             peft_pattern_key(alpha_pattern, name), config.get("lora_alpha", 8)
         ),
-        in_features=in_f,
-        out_features=out_f,
-        weight_shape=weight_shape,
-        dtype=dtype_name(a.dtype),
-        use_rslora=bool(config.get("use_rslora", False)),
         lora_dropout=0.0 if emb else float(config.get("lora_dropout", 0.0)),
-        fan_in_fan_out=fif,
+        use_rslora=bool(config.get("use_rslora", False)),
         merge_weights=False,  # as inject_lora: eval() does not merge; use merge_lora()
+        lora_dtype=a.dtype,
+        use_dora=magnitude is not None,
     )
-    return spec, a, b, problems
+    spec = LayerSpec(kind, in_f, out_f, weight_shape, lora_config, fan_in_fan_out=fif)
+    return spec, tensors, problems
 
 
 def read_peft(
@@ -292,8 +312,13 @@ def read_peft(
     ``padding_mode`` is not ``"zeros"`` are reported as problems: PEFT's conv LoRA pads with
     zeros, so such an adapter cannot give PEFT's outputs.
 
+    A DoRA adapter (``use_dora: true``) gives DoRA layers: each module's
+    ``lora_magnitude_vector`` becomes its ``lora_magnitude`` (a convolution's
+    ``(1, out_channels, 1, ...)`` reshaped to ``(out_channels,)``); a module without one
+    (or with one in a non-DoRA adapter) is a problem.
+
     Raises:
-        AdapterError: For a non-LoRA or DoRA/variant adapter, an invalid
+        AdapterError: For a non-LoRA or variant adapter (other than DoRA), an invalid
             ``adapter_config.json`` (not JSON, not an object, or a field of the wrong type or
             range: every such field is listed), no weights file, a pickle weights file
             without ``allow_pickle``, or an unreadable weights file.
@@ -312,11 +337,14 @@ def read_peft(
     invalid: set[str] = set()
     for name, parts in found.items():
         existing = index.get(aliases.get(name, name), ("", None))[1]
-        spec, a, b, bad = _peft_layer(name, parts, config, existing)
+        spec, found_tensors, bad = _peft_layer(name, parts, config, existing)
         problems += bad
         if spec is None:
-            if a is None:  # not a LoRA pair: keep the tensors, reported as unexpected
+            if not found_tensors:  # not a LoRA pair: keep the tensors, reported as unexpected
                 out.update({f"{name}.{slot}": t for slot, t in parts.items()})
+            else:  # reported above: not reported again as unexpected keys
+                invalid.add(name)
+                out.update({join_key(name, leaf): t for leaf, t in found_tensors.items()})
             continue
         bad_spec = [f"{name}: {p}" for p in spec.problems()]
         problems += bad_spec
@@ -324,8 +352,7 @@ def read_peft(
             invalid.add(name)
         else:
             modules[name] = spec
-        out[join_key(name, "lora_A")] = a
-        out[join_key(name, "lora_B")] = b
+        out.update({join_key(name, leaf): t for leaf, t in found_tensors.items()})
     return Adapter(
         tensors=out,
         modules=modules,
@@ -348,7 +375,8 @@ def import_peft(
 
     Each ``<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A/B`` for
     embeddings) pair becomes a lora_layers layer with the rank of its tensors and the alpha
-    from ``lora_alpha`` / ``alpha_pattern``, then loads through :func:`load_lora` with the same
+    from ``lora_alpha`` / ``alpha_pattern`` (a DoRA layer, with ``use_dora: true``, its
+    ``lora_magnitude_vector`` its ``lora_magnitude``), then loads through :func:`load_lora` with the same
     validation (plain modules are injected; existing LoRA layers must match). A module
     registered under several names is replaced under every name (PEFT replaces only the
     first).

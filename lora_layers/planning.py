@@ -228,6 +228,7 @@ def plan_lora(
     use_rslora: bool = False,
     lora_dtype: torch.dtype | None = None,
     merge_weights: bool = False,
+    use_dora: bool = False,
     config: Any = None,
     lora_config: LoRAConfig | None = None,
 ) -> LoRAPlan:
@@ -255,6 +256,7 @@ def plan_lora(
         "use_rslora": use_rslora,
         "merge_weights": merge_weights,
         "lora_dtype": lora_dtype,
+        "use_dora": use_dora,
     }
     base = _base_config(lora_config, given)
     keys = _Keys(target_modules, fused, exclude_modules, rank_pattern, alpha_pattern)

@@ -13,24 +13,34 @@ default: the QLoRA recipe; ``lora_dtype`` overrides). The LoRA branch saves for 
 input (in its own dtype: the very tensor the layer received), the small ``(N, R)`` projection
 ``h`` and, with dropout, the keep-mask at one bit per element.
 
-One registry, :data:`QUANTIZED_LINEARS`, maps a quantized layer class to its LoRA class;
-:func:`~lora_layers.inject_lora` consults it for every targeted module. bitsandbytes stays
-optional: ``import lora_layers`` never imports it; its two classes are registered the first
-time a model holding one of its layers is looked up. Another quantized linear (torchao, HQQ,
-...) is one small :class:`QuantizedLoRALinear` subclass (``dense_shape`` and ``dequantize``)
-plus one :func:`register_quantized_linear` call; ``docs/qlora.md`` shows how.
+Quantized kinds are entries of the one table of layer kinds,
+:data:`~lora_layers.kinds.LORA_CLASSES` (:data:`QUANTIZED_LINEARS` is the same table under its
+earlier name); :func:`~lora_layers.inject_lora` consults it for every targeted module.
+bitsandbytes stays optional: ``import lora_layers`` never imports it; its two classes are
+entered under their dotted import paths and resolved the first time a model holding one of its
+layers is looked up. Another quantized linear (torchao, HQQ, ...) is one small
+:class:`QuantizedLoRALinear` subclass (``dense_shape`` and ``dequantize``) plus one
+:func:`register_quantized_linear` call; ``docs/qlora.md`` shows how.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .base import LoRALayer, check_lora_args
 from .config import SliceLayout, check_slices
+from .kinds import (
+    LORA_CLASSES,
+    QUANTIZATION_PACKAGES,
+    class_name,
+    quantized_lora_class_of,
+    resolve_class,
+    supported_quantized_kinds,
+)
 from .quantized_function import QuantizedLoRAFunction, keep_mask
 
 __all__ = [
@@ -42,37 +52,15 @@ __all__ = [
     "dense_weight_shape",
     "find_quantized_lora_class",
     "keep_mask",
-    "quantized_lora_class",
     "register_quantized_linear",
     "supported_quantized_kinds",
 ]
 
-#: Quantized layer class -> its LoRA class. Subclasses of a registered class use its entry.
-QUANTIZED_LINEARS: dict[type, type[QuantizedLoRALinear]] = {}
-
-#: Top-level packages whose layers are quantized: a targeted layer from one of them that has
-#: no registry entry is refused with a TypeError (never wrapped as a plain linear).
-QUANTIZATION_PACKAGES = frozenset(
-    {
-        "bitsandbytes",
-        "torchao",
-        "hqq",
-        "auto_gptq",
-        "gptqmodel",
-        "awq",
-        "optimum",
-        "quanto",
-        "eetq",
-        "aqlm",
-        "compressed_tensors",
-        "fbgemm_gpu",
-        "vptq",
-    }
-)
-
-
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+#: The one table of layer kinds (:data:`lora_layers.kinds.LORA_CLASSES`) under the name it had
+#: when it held quantized kinds only: layer class -> LoRA class.
+QUANTIZED_LINEARS = LORA_CLASSES
+#: The registered LoRA class of a quantized layer, or None (never raises).
+find_quantized_lora_class = quantized_lora_class_of
 
 
 # --------------------------------------------------------------------------- layers
@@ -116,8 +104,9 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
         ValueError: For invalid slices or LoRA hyper-parameters.
     """
 
-    #: The quantized layer class this LoRA class wraps (set by subclasses).
-    base_class: type | None = None
+    #: The quantized layer class this LoRA class wraps, or its dotted import path (set by
+    #: subclasses; None: any).
+    base_class: type | str | None = None
     fan_in_fan_out = False
 
     def __init__(
@@ -154,33 +143,27 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             if split_sizes is not None:
                 raise ValueError("split_sizes needs enable_lora (one flag per slice)")
             self.enable_lora = self.split_sizes = None
-            self._slices: tuple[tuple[int, int], ...] = ((0, self.out_features),)
+            self.slice_layout = SliceLayout.whole(self.out_features)
         else:
             self.enable_lora, self.split_sizes = check_slices(
                 self.out_features, enable_lora, split_sizes
             )
             self.slice_layout = SliceLayout.of(self.split_sizes, self.enable_lora)
-            self._slices = self.slice_layout.out_slices
         self._dense_dtype: torch.dtype | None = None
-        self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, bool(self._slices))
-        if self.r > 0:
-            kw = {"device": self.weight.device, "dtype": lora_dtype or torch.float32}
-            rows = sum(stop - start for start, stop in self._slices)
-            self.lora_A = nn.Parameter(
-                torch.empty(self.r * len(self._slices), self.in_features, **kw)
-            )
-            self.lora_B = nn.Parameter(torch.empty(rows, self.r, **kw))
-            self.reset_lora_parameters()
+        active = bool(self.slice_layout.out_slices)
+        self._setup_lora(r, lora_alpha, lora_dropout, False, use_rslora, active)
+        self.slice_layout.blocks(self.r)  # computed now: forwards only read it
+        self._init_lora_parameters(self.weight.device, lora_dtype or torch.float32)
         nn.Module.train(self, base_layer.training)
 
     # ------------------------------------------------------------------ per-kind hooks
     @classmethod
     def check_base(cls, module: nn.Module) -> None:
         """Raise TypeError if ``module`` is in a state this class cannot wrap."""
-        if cls.base_class is not None and not isinstance(module, cls.base_class):
-            raise TypeError(
-                f"{cls.__name__} wraps {_class_name(cls.base_class)}, got {type(module).__name__}"
-            )
+        base = cls.base_class
+        base = resolve_class(base) if isinstance(base, str) else base
+        if base is not None and not isinstance(module, base):
+            raise TypeError(f"{cls.__name__} wraps {class_name(base)}, got {type(module).__name__}")
 
     @staticmethod
     def dense_shape(module: nn.Module) -> tuple[int, int]:
@@ -279,22 +262,17 @@ class QuantizedLoRALinear(LoRALayer, nn.Module):
             else 0.0
         )
         return QuantizedLoRAFunction.apply(
-            out, x, self.lora_A, self.lora_B, self.scaling, p, self._slices
+            out, x, self.lora_A, self.lora_B, self.scaling, p, self.slice_layout
         )
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self) -> torch.Tensor:
         """Per-slice ``scaling * B_i @ A_i`` in its rows, zeros elsewhere: fp32 ``(out, in)``."""
-        delta = torch.zeros(
-            self.out_features, self.in_features, dtype=torch.float32, device=self.lora_A.device
-        )
-        b_row = 0
-        for i, (start, stop) in enumerate(self._slices):
-            a_i = self.lora_A[i * self.r : (i + 1) * self.r].float()  # (r, in)
-            b_i = self.lora_B[b_row : b_row + stop - start].float()  # (size_i, r)
-            delta[start:stop] = self.scaling * (b_i @ a_i)
-            b_row += stop - start
-        return delta
+        return self.slice_layout.delta_weight(self.lora_A, self.lora_B, self.scaling, torch.float32)
+
+    def lora_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``lora_A``: ``(r * n_slices, in_features)``; ``lora_B``: ``(slice rows, r)``."""
+        return self.slice_layout.lora_shapes(self.r, self.in_features)
 
     def get_merged_weight(self) -> torch.Tensor:
         """``(dequantize(W).float() + delta_weight()).to(base_dtype())``: dense, rounded once.
@@ -370,6 +348,8 @@ class LoRALinear4bit(QuantizedLoRALinear):
     keeps only a reference to the packed weight for backward).
     """
 
+    base_class = "bitsandbytes.nn.Linear4bit"
+
     @classmethod
     def check_base(cls, module: nn.Module) -> None:
         super().check_base(module)
@@ -406,6 +386,8 @@ class LoRALinear8bitLt(QuantizedLoRALinear):
     dtype of the inputs it has seen (else its bias's, else fp32).
     """
 
+    base_class = "bitsandbytes.nn.Linear8bitLt"
+
     @classmethod
     def check_base(cls, module: nn.Module) -> None:
         super().check_base(module)
@@ -429,100 +411,30 @@ class LoRALinear8bitLt(QuantizedLoRALinear):
 
 
 # --------------------------------------------------------------------------- registry
-def register_quantized_linear(base_class: type, lora_class: type[QuantizedLoRALinear]) -> None:
-    """Teach :func:`~lora_layers.inject_lora` a quantized linear kind.
+def register_quantized_linear(
+    base_class: type | str, lora_class: type[QuantizedLoRALinear]
+) -> None:
+    """Teach :func:`~lora_layers.inject_lora` a quantized linear kind: one table entry.
 
     Args:
-        base_class: The quantized layer class (its subclasses use the same entry).
+        base_class: The quantized layer class (its subclasses use the same entry), or its
+            dotted import path (``"bitsandbytes.nn.Linear4bit"``), resolved the first time a
+            layer from that package is looked up, so registering imports nothing.
         lora_class: A :class:`QuantizedLoRALinear` subclass wrapping it.
 
     Raises:
-        TypeError: If ``lora_class`` is not a :class:`QuantizedLoRALinear` subclass.
+        TypeError: If ``lora_class`` is not a :class:`QuantizedLoRALinear` subclass or
+            ``base_class`` is neither a class nor a dotted path.
     """
     if not (isinstance(lora_class, type) and issubclass(lora_class, QuantizedLoRALinear)):
         raise TypeError(f"lora_class must subclass QuantizedLoRALinear, got {lora_class!r}")
-    if not isinstance(base_class, type):
-        raise TypeError(f"base_class must be a class, got {base_class!r}")
-    QUANTIZED_LINEARS[base_class] = lora_class
+    if not (isinstance(base_class, type) or (isinstance(base_class, str) and "." in base_class)):
+        raise TypeError(f"base_class must be a class or a dotted import path, got {base_class!r}")
+    LORA_CLASSES[base_class] = lora_class
 
 
-def _register_bitsandbytes() -> None:
-    import bitsandbytes as bnb
-
-    for base, lora in (
-        (bnb.nn.Linear4bit, LoRALinear4bit),
-        (bnb.nn.Linear8bitLt, LoRALinear8bitLt),
-    ):
-        lora.base_class = base
-        register_quantized_linear(base, lora)
-
-
-# Registrations run the first time a layer from the package is looked up, so importing
-# lora_layers never imports the package: top-level package -> (register, kind names).
-_LAZY: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
-    "bitsandbytes": (
-        _register_bitsandbytes,
-        ("bitsandbytes.nn.Linear4bit", "bitsandbytes.nn.Linear8bitLt"),
-    ),
-}
-
-
-def supported_quantized_kinds() -> list[str]:
-    """Names of the quantized layer classes that can get LoRA (registered or pending)."""
-    names = {_class_name(c) for c in QUANTIZED_LINEARS}
-    for _, kinds in _LAZY.values():
-        names.update(kinds)
-    return sorted(names)
-
-
-def find_quantized_lora_class(module: nn.Module) -> type[QuantizedLoRALinear] | None:
-    """The registered LoRA class for ``module``'s quantized kind, or None (never raises)."""
-    cls = type(module)
-    if _LAZY:
-        for klass in cls.__mro__:
-            lazy = _LAZY.pop(klass.__module__.partition(".")[0], None)
-            if lazy is not None:
-                lazy[0]()
-    for klass in cls.__mro__:
-        found = QUANTIZED_LINEARS.get(klass)
-        if found is not None:
-            return found
-    return None
-
-
-def _looks_quantized(module: nn.Module) -> bool:
-    if type(module).__module__.partition(".")[0] in QUANTIZATION_PACKAGES:
-        return True
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
-
-
-def quantized_lora_class(
-    module: nn.Module, name: str = "module"
-) -> type[QuantizedLoRALinear] | None:
-    """The LoRA class for a quantized ``module``; None for an ordinary (float) layer.
-
-    Args:
-        module: Any layer.
-        name: Its dotted name, for the error message.
-
-    Returns:
-        The registered :class:`QuantizedLoRALinear` subclass, or None if ``module`` is not
-        quantized.
-
-    Raises:
-        TypeError: If ``module`` is quantized (its class comes from a quantization package, or
-            its weight is not floating point) but its kind is not registered; the message names
-            it and lists the supported kinds.
-    """
-    found = find_quantized_lora_class(module)
-    if found is not None or not _looks_quantized(module):
-        return found
-    raise TypeError(
-        f"cannot put LoRA on {name!r}: {_class_name(type(module))} is a quantized layer kind "
-        f"lora_layers does not support (supported: {', '.join(supported_quantized_kinds())}); "
-        "add one with lora_layers.register_quantized_linear (see docs/qlora.md)"
-    )
+register_quantized_linear(LoRALinear4bit.base_class, LoRALinear4bit)
+register_quantized_linear(LoRALinear8bitLt.base_class, LoRALinear8bitLt)
 
 
 def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
@@ -532,7 +444,7 @@ def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
     """
     if isinstance(module, QuantizedLoRALinear):
         return (module.out_features, module.in_features)
-    found = find_quantized_lora_class(module)
+    found = quantized_lora_class_of(module)
     if found is not None:
         return tuple(found.dense_shape(module))
     return tuple(int(s) for s in module.weight.shape)

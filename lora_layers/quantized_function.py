@@ -25,7 +25,7 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         lora_B: ``(sum of enabled slice sizes, r)``.
         scaling: The LoRA scaling.
         p: Dropout probability on the LoRA branch's input (0: no dropout).
-        slices: ``((start, stop), ...)`` output columns of each enabled slice.
+        layout: The enabled output slices (:class:`~lora_layers.config.SliceLayout`).
 
     Saved for backward: the input in its own dtype (``x`` itself, or with dropout the dropped
     input ``x * keep`` in its place), ``h = dropout(x) @ A.T`` ``(N, R)`` in the LoRA dtype
@@ -35,7 +35,7 @@ class QuantizedLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out, x, lora_A, lora_B, scaling, p, slices):
+    def forward(ctx, out, x, lora_A, lora_B, scaling, p, layout):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         out2 = out.view(-1, out.shape[-1])  # (N, out)
         packed = None
@@ -48,42 +48,36 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         h = torch.mm(xl, lora_A.t())  # (N, R)
         del xl
         alpha = scaling / dropout_keep_probability(p)  # inverted dropout's 1 / (1 - p')
-        r = lora_B.shape[1]
-        b_row = 0
-        for i, (start, stop) in enumerate(slices):
-            h_i, b_i = h[:, i * r : (i + 1) * r], lora_B[b_row : b_row + stop - start]
+        for rows, a_rows, b_rows in layout.blocks(lora_B.shape[1]):
+            h_i, b_i = h[:, a_rows], lora_B[b_rows]
             if out2.dtype == h.dtype:
-                out2[:, start:stop].addmm_(h_i, b_i.t(), alpha=alpha)
+                out2[:, rows].addmm_(h_i, b_i.t(), alpha=alpha)
             else:  # e.g. bf16 output, fp32 LoRA: the sum is formed in fp32, rounded once
-                out2[:, start:stop].add_(torch.mm(h_i, b_i.t()), alpha=alpha)
-            b_row += stop - start
+                out2[:, rows].add_(torch.mm(h_i, b_i.t()), alpha=alpha)
         ctx.mark_dirty(out)
         ctx.save_for_backward(x if packed is None else x2, lora_A, lora_B, h, packed)
-        ctx.alpha, ctx.slices, ctx.x_shape = alpha, slices, x.shape
+        ctx.alpha, ctx.layout, ctx.x_shape = alpha, layout, x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         xd, lora_A, lora_B, h, packed = ctx.saved_tensors  # xd: x, or x * keep with dropout
         _, need_x, need_a, need_b = ctx.needs_input_grad[:4]
-        alpha, slices = ctx.alpha, ctx.slices
+        alpha, layout = ctx.alpha, ctx.layout
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        dtype, r = lora_A.dtype, lora_B.shape[1]
-        g_slices, b_blocks, b_row = [], [], 0
-        for start, stop in slices:
-            g_i = g if (start, stop) == (0, g.shape[1]) else g[:, start:stop]
-            g_slices.append(g_i if g_i.dtype == dtype else g_i.to(dtype))
-            b_blocks.append(lora_B[b_row : b_row + stop - start])
-            b_row += stop - start
+        dtype = lora_A.dtype
+        blocks = []  # per slice: its gradient columns (LoRA dtype), h columns, B rows
+        for rows, a_rows, b_rows in layout.blocks(lora_B.shape[1]):
+            g_i = g if layout.is_whole else g[:, rows]
+            blocks.append(
+                (g_i if g_i.dtype == dtype else g_i.to(dtype), h[:, a_rows], lora_B[b_rows])
+            )
         grad_A = grad_B = grad_x = None
         if need_b:
-            parts = [
-                torch.mm(g_i.t(), h[:, i * r : (i + 1) * r]).mul_(alpha)
-                for i, g_i in enumerate(g_slices)
-            ]
+            parts = [torch.mm(g_i.t(), h_i).mul_(alpha) for g_i, h_i, _ in blocks]
             grad_B = torch.cat(parts) if len(parts) > 1 else parts[0]  # (rows, r)
         if need_x or need_a:
-            parts = [torch.mm(g_i, b_i) for g_i, b_i in zip(g_slices, b_blocks, strict=True)]
+            parts = [torch.mm(g_i, b_i) for g_i, _, b_i in blocks]
             u = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).mul_(alpha)  # (N, R)
             if need_a:
                 x2 = xd.reshape(-1, xd.shape[-1])

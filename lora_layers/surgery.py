@@ -118,6 +118,8 @@ def inject_lora(
         alpha_pattern: ``{key: lora_alpha}`` overrides of alpha; the first matching key wins.
         use_rslora: Scale by ``lora_alpha / sqrt(r)``.
         lora_dtype: Dtype of the LoRA parameters, e.g. ``torch.float32`` on a bf16 base.
+        use_dora: DoRA (weight-decomposed LoRA) on every wrapped layer; see
+            :mod:`lora_layers.dora` and ``docs/variants.md``.
         merge_weights: If True, ``model.eval()`` merges every layer and ``model.train()``
             unmerges (loralib's contract). Default False: ``eval()`` inside a training loop
             would otherwise allocate a merged copy of every wrapped weight; call
@@ -135,7 +137,7 @@ def inject_lora(
         plan: A :class:`~lora_layers.planning.LoRAPlan` from :func:`plan_lora` for this model,
             carried out as it is (no targeting or LoRA argument may be given with it).
         **options: The keyword-only planning arguments above (``fused``, ``exclude_modules``,
-            ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``lora_dtype``,
+            ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``lora_dtype``,
             ``merge_weights``, ``config``, ``lora_config``), passed to :func:`plan_lora`.
 
     Returns:

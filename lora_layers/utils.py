@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import LoRALayer
+from .dora import MAGNITUDE_LEAF
 
 __all__ = [
     "BIAS_MODES",
@@ -47,6 +48,8 @@ def _lora_param_names(model: nn.Module, bias: str) -> list[str]:
     for name, module in lora_modules(model):
         prefix = f"{name}." if name else ""
         names += [prefix + "lora_A", prefix + "lora_B"]
+        if module.use_dora:  # DoRA's magnitude trains and is saved with the adapter
+            names.append(prefix + MAGNITUDE_LEAF)
         if bias == "lora_only" and module.bias is not None:
             names.append(prefix + "bias")
     if bias == "all":
@@ -82,8 +85,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter part of ``model.state_dict()``, with loralib's key names.
 
-    Keys are ``<module>.lora_A`` / ``<module>.lora_B`` (plus ``<module>.bias`` per ``bias``),
-    so state dicts from loralib layers load into ours and back.
+    Keys are ``<module>.lora_A`` / ``<module>.lora_B`` (plus ``<module>.lora_magnitude`` for
+    DoRA layers and ``<module>.bias`` per ``bias``), so state dicts from loralib layers load
+    into ours and back.
 
     Args:
         model: A model holding LoRA layers.

@@ -6,8 +6,6 @@ and test_aliases.py.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -83,28 +81,3 @@ def lora_pair(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **kw
     model = inject(pair(kind, seed, dtype), kind, **kwargs)
     torch.manual_seed(seed + 100)
     return fill_all_(model)
-
-
-def fingerprint(model: nn.Module) -> dict[str, object]:
-    """Every module (type, identity, merged state) and every parameter and buffer, by bytes.
-
-    Names come from ``remove_duplicate=False`` walks, so a module or tensor reachable under
-    two names is checked under both, and so is the object identity of every tensor.
-    """
-    out: dict[str, object] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        out[f"module {name!r}"] = (type(module), id(module), getattr(module, "merged", None))
-    tensors = itertools.chain(
-        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
-    )
-    for name, t in tensors:
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        out[name] = (id(t), t.dtype, tuple(t.shape), t.requires_grad, data)
-    return out
-
-
-def assert_same_fingerprint(model: nn.Module, before: dict[str, object]) -> None:
-    after = fingerprint(model)
-    assert after.keys() == before.keys()
-    changed = [k for k in before if after[k] != before[k]]
-    assert not changed, f"changed: {changed}"

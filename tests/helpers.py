@@ -3,6 +3,7 @@ token ids and logits, random non-zero LoRA weights, gradients and state snapshot
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -217,19 +218,29 @@ def lora_grads(
 
 
 def snapshot(model: nn.Module) -> dict[str, object]:
-    """Every tensor of the state dict (cloned) and every module's type, by name."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    types = {n: type(m) for n, m in model.named_modules()}
-    return {"state": state, "types": types}
+    """Every module (type, identity, merged state) and every parameter and buffer, by bytes.
+
+    Names come from ``remove_duplicate=False`` walks, so a module or tensor reachable under
+    two names is checked under both, and so is the object identity of every tensor.
+    """
+    out: dict[str, object] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        out[f"module {name!r}"] = (type(module), id(module), getattr(module, "merged", None))
+    tensors = itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+    )
+    for name, t in tensors:
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        out[name] = (id(t), t.dtype, tuple(t.shape), t.requires_grad, data)
+    return out
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
-    """Asserts ``model`` still has the module types and exact tensors of ``snapshot``."""
+    """Asserts ``model`` is exactly as :func:`snapshot` saw it (modules, tensors, bytes)."""
     after = snapshot(model)
-    assert after["types"] == before["types"]
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
+    assert after.keys() == before.keys()
+    changed = [k for k in before if after[k] != before[k]]
+    assert not changed, f"changed: {changed}"
 
 
 def load_benchmark(name: str):

@@ -25,7 +25,7 @@ from lora_layers import (
     read_adapter,
     save_lora,
 )
-from lora_layers.adapters import METADATA_KEY, normalize_key
+from lora_layers.adapters import FORMAT_VERSION, METADATA_KEY, normalize_key
 from tests.helpers import (
     assert_close,
     assert_unchanged,
@@ -455,13 +455,13 @@ def test_invalid_metadata_is_reported_with_the_rest(tmp_path):
 
 def test_newer_format_version_is_refused(tmp_path):
     def edit(doc):
-        doc["format_version"] = 2
+        doc["format_version"] = FORMAT_VERSION + 1
         return doc
 
     bad = rewrite(
         save_lora(lora_net(), tmp_path / "a.safetensors"), tmp_path / "b.safetensors", None, edit
     )
-    with pytest.raises(AdapterLoadError, match="format 2.*upgrade lora_layers"):
+    with pytest.raises(AdapterLoadError, match=f"format {FORMAT_VERSION + 1}.*upgrade lora_layers"):
         load_lora(net(), bad)
 
 

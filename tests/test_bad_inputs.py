@@ -21,14 +21,8 @@ from safetensors import safe_open
 import lora_layers
 from lora_layers import AdapterLoadError, export_peft, import_peft, load_lora, save_lora
 from lora_layers.adapters import METADATA_KEY
-from tests._kinds import (
-    CONV_KINDS,
-    KINDS,
-    assert_same_fingerprint,
-    fingerprint,
-    lora_pair,
-    pair,
-)
+from tests._kinds import CONV_KINDS, KINDS, lora_pair, pair
+from tests.helpers import assert_unchanged, snapshot
 
 MODULES = ("first", "second")
 
@@ -40,7 +34,7 @@ def test_adapter_load_error_is_a_value_error():
 def assert_refused(load: Callable[[], object], model, source: Path, offenders) -> str:
     """``load()`` raises one AdapterLoadError naming ``source`` and every offender; the model
     is bit-identical afterwards. Returns the message."""
-    before = fingerprint(model)
+    before = snapshot(model)
     with pytest.raises(AdapterLoadError) as info:
         load()
     message = str(info.value)
@@ -48,7 +42,7 @@ def assert_refused(load: Callable[[], object], model, source: Path, offenders) -
     for offender in offenders:
         assert offender in message, (offender, message)
     assert "was not changed" in message
-    assert_same_fingerprint(model, before)
+    assert_unchanged(model, before)
     return message
 
 
@@ -359,7 +353,10 @@ PEFT_CASES: dict[str, Callable[[Path], list[str]]] = {
         "use_rslora",
     ),
     "not_lora": _config(_set(peft_type="PREFIX_TUNING"), "peft_type", "PREFIX_TUNING"),
-    "dora": _config(_set(use_dora=True), "use_dora=True"),
+    # A DoRA config whose weights have no magnitudes: every module is named.
+    "dora_without_magnitudes": _config(
+        _set(use_dora=True), *MODULES, "use_dora=true", "no lora_magnitude_vector"
+    ),
     "rank_disagrees_with_config": _config(_set(r=5), *MODULES, "r=5"),
     "no_weights": _peft_no_weights,
     "pickle_bin_only": _peft_pickle_only,
@@ -380,6 +377,7 @@ PEFT_KIND_FREE = set(PEFT_CASES) - {
     "float8_tensors",
     "nan_and_inf_tensors",
     "rank_disagrees_with_config",
+    "dora_without_magnitudes",
 }
 
 

@@ -7,31 +7,15 @@ every section end to end on tiny shapes and a tiny Phi-3, writing all its output
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import load_benchmark
 
-
-def _load(name: str):
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks.{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-U = _load("utils")
+U = load_benchmark("utils")
 
 
 def test_saved_bytes_counts_input_once_and_skips_parameters():
@@ -120,7 +104,7 @@ def test_tables_and_files(tmp_path):
 def test_bench_lora_smoke_run_writes_every_output(tmp_path, capsys):
     for mod in ("peft", "loralib", "transformers", "matplotlib"):
         pytest.importorskip(mod)
-    bench = _load("bench_lora")
+    bench = load_benchmark("bench_lora")
     assert bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
     stem = tmp_path / "lora_bench_cpu_float32_smoke"
     for ext in ("csv", "json", "md", "png"):

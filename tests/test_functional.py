@@ -8,16 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_layers.functional as lf
+from lora_layers.config import SliceLayout
 from lora_layers.functional import LoRALinearFunction, lora_linear, pack_bits, unpack_bits
 from tests.helpers import assert_close, saved_tensor_bytes
 
 IN, R, OUT = 16, 3, 10
-SINGLE = ((0, OUT),)  # Linear: one slice covering all outputs
-QKV = ((0, 6), (8, 10))  # MergedLinear (6, 2, 2) with (True, False, True)
+SINGLE = SliceLayout.whole(OUT)  # Linear: one slice covering all outputs
+QKV = SliceLayout.of((6, 2, 2), (True, False, True))  # MergedLinear: rows 0:6 and 8:10
 
 
 def b_rows(slices):
-    return sum(stop - start for start, stop in slices)
+    return sum(stop - start for start, stop in slices.out_slices)
 
 
 def tensors(slices, fan_in_fan_out=False, bias=True, dtype=torch.float32):
@@ -27,7 +28,7 @@ def tensors(slices, fan_in_fan_out=False, bias=True, dtype=torch.float32):
         torch.randn(7, IN),
         W * 0.3,
         torch.randn(OUT) if bias else None,
-        torch.randn(R * len(slices), IN) * 0.5,
+        torch.randn(R * len(slices.out_slices), IN) * 0.5,
         torch.randn(b_rows(slices), R) * 0.5,
     ]
     return [None if t is None else t.to(dtype).requires_grad_() for t in ts]
@@ -44,7 +45,7 @@ def dense_reference(x, W, b, A, B, scaling, p, fan_in_fan_out, slices, seed):
     w = W.t() if fan_in_fan_out else W
     delta = torch.zeros_like(w)
     b_row = 0
-    for i, (start, stop) in enumerate(slices):
+    for i, (start, stop) in enumerate(slices.out_slices):
         delta[start:stop] = scaling * (B[b_row : b_row + stop - start] @ A[i * R : (i + 1) * R])
         b_row += stop - start
     xd = x * keep_mask(x.shape, p, seed) / lf.dropout_keep_probability(p) if p > 0 else x
@@ -88,7 +89,9 @@ def test_dropout_statistics():
     eye = torch.eye(IN)
     x = torch.ones(n, IN)
     # W = 0, A = B = I, scaling 1: the output is exactly dropout(x) = keep / (1 - p).
-    y = LoRALinearFunction.apply(x, torch.zeros(IN, IN), None, eye, eye, 1.0, p, False, ((0, IN),))
+    y = LoRALinearFunction.apply(
+        x, torch.zeros(IN, IN), None, eye, eye, 1.0, p, False, SliceLayout.whole(IN)
+    )
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 0.01  # n * IN = 32768 draws: std of the rate is 0.0024
     assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))

@@ -192,10 +192,15 @@ def disabled_columns(layer) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------- properties
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", KIND_NAMES)
-@SETTINGS
-@given(data=st.data())
+def every_kind_and_dtype(test):
+    """Run ``test(kind, dtype, data)`` for every layer kind and dtype, hypothesis drawing cases."""
+    test = SETTINGS(given(data=st.data())(test))
+    return pytest.mark.parametrize("dtype", DTYPES, ids=str)(
+        pytest.mark.parametrize("kind", KIND_NAMES)(test)
+    )
+
+
+@every_kind_and_dtype
 def test_forward_and_first_derivatives_match_dense_reference(kind, dtype, data):
     case = data.draw(cases(kind, dtype))
     layer = case.build()
@@ -242,10 +247,7 @@ def test_forward_and_first_derivatives_match_dense_reference(kind, dtype, data):
     assert layer.weight.grad is None  # frozen
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", KIND_NAMES)
-@SETTINGS
-@given(data=st.data())
+@every_kind_and_dtype
 def test_merged_weight_is_exact_and_merged_equals_unmerged(kind, dtype, data):
     case = data.draw(cases(kind, dtype))
     layer = case.build()
@@ -279,10 +281,7 @@ def test_merged_weight_is_exact_and_merged_equals_unmerged(kind, dtype, data):
         assert torch.equal(bits(rows[start:stop]), bits(base_rows[start:stop]))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", KIND_NAMES)
-@SETTINGS
-@given(data=st.data())
+@every_kind_and_dtype
 def test_merge_unmerge_cycles_restore_weight_and_outputs_bit_for_bit(kind, dtype, data):
     case = data.draw(cases(kind, dtype))
     cycles = data.draw(st.integers(1, 4))
@@ -304,10 +303,7 @@ def test_merge_unmerge_cycles_restore_weight_and_outputs_bit_for_bit(kind, dtype
         assert torch.equal(bits(layer(x)), bits(before))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", KIND_NAMES)
-@SETTINGS
-@given(data=st.data())
+@every_kind_and_dtype
 def test_b_zero_merges_to_the_base_layer_bit_for_bit(kind, dtype, data):
     case = data.draw(cases(kind, dtype))
     layer = case.build()

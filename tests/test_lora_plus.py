@@ -264,3 +264,39 @@ def test_variants_doc_lora_plus_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), {"__name__": "__main__"})
+
+
+def test_groups_equal_peft_on_a_dora_model_magnitudes_included():
+    # The same Toy with DoRA on both sides: PEFT's get_peft_model(use_dora=True) and our
+    # inject_lora(use_dora=True). PEFT's magnitudes (lora_magnitude_vector) must land in the
+    # same groups as ours (lora_magnitude): conv's with the A matrices (PEFT's has shape
+    # (1, out, 1) for a Conv1d), linear, fused and embedding ones with the B matrices.
+    theirs = peft.get_peft_model(
+        Toy(),
+        peft.LoraConfig(r=2, target_modules=["emb", "qkv", "proj", "conv"], use_dora=True),
+    )
+    model = Toy()
+    lora_layers.inject_lora(
+        model, ["emb", "proj", "conv"], r=2, fused={"qkv": [True, False, True]}, use_dora=True
+    )
+    for net in (model, theirs.base_model.model):
+        for p in (*net.norm.parameters(), *net.head.parameters(), net.gain):
+            p.requires_grad_(True)
+
+    peft_rates = rates(create_loraplus_optimizer(theirs, torch.optim.AdamW, **PEFT_KW))
+    our_rates = rates(ours(model))
+
+    def name(peft_name: str) -> str:
+        return re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".lora_magnitude", peft_name)
+
+    expected = {
+        our_name(name(n)): peft_rates[id(p)]
+        for n, p in theirs.named_parameters()
+        if p.requires_grad
+    }
+    got = {n: our_rates[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    assert got == expected
+    assert got["conv.lora_magnitude"] == (LR, WD)
+    assert got["proj.lora_magnitude"] == got["qkv.lora_magnitude"] == (LR * RATIO, WD)
+    assert got["emb.lora_magnitude"] == (LR * RATIO, WD)
+    assert got["emb.lora_A"] == (LR_EMB, WD)

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lora_layers
 import lora_layers.functional as lf
+from lora_layers.config import SliceLayout
 from tests.helpers import TOLERANCES, fill_lora_, saved_tensor_bytes
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -177,7 +178,7 @@ def test_fast_path_equals_plain_path(setting, kind):
             layer.scaling,
             nn.Identity(),
             False,
-            layer._slices,
+            layer.slice_layout,
         )
     plain = [y, *torch.autograd.grad(y, leaves, g)]
     rtol, atol = tolerance(setting)
@@ -446,7 +447,7 @@ def test_forward_and_backward_use_the_same_mask(mask_ops):
     eye = torch.eye(d)
     x = torch.ones(n, d, requires_grad=True)
     y = lf.LoRALinearFunction.apply(
-        x, torch.zeros(d, d), None, eye, eye, 1.0, 0.25, False, ((0, d),)
+        x, torch.zeros(d, d), None, eye, eye, 1.0, 0.25, False, SliceLayout.whole(d)
     )
     (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(y == 0, gx == 0)

@@ -473,3 +473,24 @@ def test_a_new_quantized_kind_is_one_class_and_one_registry_entry(monkeypatch):
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
     merge_and_unload(model)
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_kind_registered_by_dotted_path_resolves_on_first_lookup():
+    """The lazy form bitsandbytes is registered with: one table entry, resolved on use."""
+    table, path = lora_layers.QUANTIZED_LINEARS, f"{RowInt8Linear.__module__}.RowInt8Linear"
+    saved = dict(table)
+    try:
+        lora_layers.register_quantized_linear(path, LoRARowInt8)
+        assert path in lora_layers.supported_quantized_kinds() and RowInt8Linear not in table
+        model = inject_lora(nn.Sequential(RowInt8Linear(torch.randn(6, 8))), "all-linear", r=2)
+        assert isinstance(model[0], LoRARowInt8)
+        assert table[RowInt8Linear] is LoRARowInt8 and path not in table
+    finally:
+        table.clear()
+        table.update(saved)
+
+
+@pytest.mark.parametrize("base", ["RowInt8Linear", 3], ids=["undotted", "int"])
+def test_register_refuses_a_base_that_is_neither_class_nor_dotted_path(base):
+    with pytest.raises(TypeError, match=f"class or a dotted import path, got {base!r}"):
+        lora_layers.register_quantized_linear(base, LoRARowInt8)
