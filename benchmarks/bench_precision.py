@@ -656,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     load_before = os.getloadavg()[0]
     rows, targets = run_grid(cfg)
-    command = "python benchmarks/bench_precision.py" + (" " + " ".join(argv) if argv else "")
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = "python benchmarks/bench_precision.py" + (" " + " ".join(args) if args else "")
     meta = {
         "machine": f"{platform.processor() or platform.machine()}, {cfg.threads} threads",
         "torch": torch.__version__,
