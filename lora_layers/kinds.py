@@ -66,7 +66,7 @@ LAYER_KINDS: dict[str, tuple[type[LoRALayer], type[nn.Module]]] = {
 } | {"MergedLinear": (MergedLinear, nn.Linear)}
 #: Spatial dimensions of the convolution kinds.
 CONV_DIMS = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}
-SUPPORTED = "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d and transformers' Conv1D"
+SUPPORTED = ", ".join(f"nn.{base.__name__}" for base in _DENSE) + " and transformers' Conv1D"
 _NAME_OF = {lora: name for name, (lora, _) in LAYER_KINDS.items()}
 
 #: Top-level packages whose layers are quantized: a targeted layer from one of them that has
@@ -115,14 +115,20 @@ def _resolve_pending(cls: type) -> None:
 
 
 def lora_class_of(module: nn.Module) -> type[nn.Module] | None:
-    """The LoRA class :data:`LORA_CLASSES` gives ``module``'s class, or None (never raises)."""
+    """The LoRA class :data:`LORA_CLASSES` gives ``module``'s class, or None.
+
+    Raises:
+        ImportError, AttributeError: Only if a dotted path registered for ``module``'s package
+            names no class.
+    """
     cls = type(module)
     _resolve_pending(cls)
     return next((LORA_CLASSES[k] for k in cls.__mro__ if k in LORA_CLASSES), None)
 
 
 def quantized_lora_class_of(module: nn.Module) -> type[nn.Module] | None:
-    """The LoRA class of ``module`` if it is a registered quantized kind, else None."""
+    """The LoRA class of ``module`` if it is a registered quantized kind, else None (as
+    :func:`lora_class_of`)."""
     found = lora_class_of(module)
     return None if found is None or found in _NAME_OF else found
 

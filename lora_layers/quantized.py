@@ -59,7 +59,7 @@ __all__ = [
 #: The one table of layer kinds (:data:`lora_layers.kinds.LORA_CLASSES`) under the name it had
 #: when it held quantized kinds only: layer class -> LoRA class.
 QUANTIZED_LINEARS = LORA_CLASSES
-#: The registered LoRA class of a quantized layer, or None (never raises).
+#: The registered LoRA class of a quantized layer, or None (its earlier name).
 find_quantized_lora_class = quantized_lora_class_of
 
 
