@@ -1,66 +1,20 @@
 """The autograd function of LoRA on quantized bases: the update added in place, lean saves.
 
-Used by :mod:`lora_layers.quantized`. numpy, when installed, packs the dropout keep-mask on
-the CPU (it is not a dependency: without it the tensor bit packing of
-:mod:`lora_layers.functional` runs).
+Used by :mod:`lora_layers.quantized`. Dropout draws, applies and packs the keep-mask with
+:mod:`lora_layers.functional`'s functions (one mask for every layer: 16 random bits per
+element, keep probability :func:`~lora_layers.functional.dropout_keep_probability`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .functional import pack_bits, unpack_bits
+from .functional import apply_keep, dropout_keep_probability, keep_mask, pack_bits, unpack_bits
 
-__all__ = ["QuantizedLoRAFunction", "keep_mask"]
+__all__ = ["QuantizedLoRAFunction", "keep_mask"]  # keep_mask: functional's, re-exported
 
 
 # --------------------------------------------------------------------------- autograd
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Dropout's keep-mask: each element True with probability ``1 - p``.
-
-    Drawn as uniform 31-bit integers compared with ``round((1 - p) * 2**31)`` (exact to
-    2**-31, finer than a float32 uniform), about three times faster on a CPU than
-    ``bernoulli_`` and consuming the generator the same way on every call.
-
-    Args:
-        shape: Mask shape.
-        p: Dropout probability in ``(0, 1)``.
-        device: Where to draw it.
-
-    Returns:
-        A bool tensor of ``shape``.
-    """
-    threshold = round((1.0 - p) * 2**31)
-    return torch.empty(shape, dtype=torch.int32, device=device).random_() < threshold
-
-
-def _numpy() -> Any:
-    """numpy if it is installed (it is optional: only this CPU shortcut uses it), else None."""
-    try:
-        import numpy
-    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
-        return None
-    return numpy
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """One bit per element (numpy's ``packbits`` on the CPU: ~100x faster than tensor ops)."""
-    np = _numpy() if mask.device.type == "cpu" else None
-    if np is not None:
-        return torch.from_numpy(np.packbits(mask.numpy().reshape(-1), bitorder="little"))
-    return pack_bits(mask)
-
-
-def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    np = _numpy() if packed.device.type == "cpu" else None
-    if np is not None:
-        bits = np.unpackbits(packed.numpy(), count=shape.numel(), bitorder="little")
-        return torch.from_numpy(bits).view(torch.bool).view(shape)
-    return unpack_bits(packed, shape)
-
-
 class QuantizedLoRAFunction(torch.autograd.Function):
     """Add the per-slice LoRA update into a quantized layer's output, in place.
 
@@ -87,13 +41,13 @@ class QuantizedLoRAFunction(torch.autograd.Function):
         packed = None
         if p > 0:
             keep = keep_mask(x2.shape, p, x2.device)
-            x2 = torch.where(keep, x2, x2.new_zeros(()))  # the dropped input, x's dtype
-            packed = _pack(keep)
+            x2 = apply_keep(x2, keep)  # the dropped input, x's dtype
+            packed = pack_bits(keep)
             del keep
         xl = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)  # a temporary copy
         h = torch.mm(xl, lora_A.t())  # (N, R)
         del xl
-        alpha = scaling / (1.0 - p)  # inverted dropout's 1 / (1 - p) rides on the scale
+        alpha = scaling / dropout_keep_probability(p)  # inverted dropout's 1 / (1 - p')
         for rows, a_rows, b_rows in layout.blocks(lora_B.shape[1]):
             h_i, b_i = h[:, a_rows], lora_B[b_rows]
             if out2.dtype == h.dtype:
@@ -131,7 +85,6 @@ class QuantizedLoRAFunction(torch.autograd.Function):
             if need_x:
                 lora_grad = torch.mm(u, lora_A)  # (N, in)
                 if packed is not None:
-                    keep = _unpack(packed, lora_grad.shape)
-                    lora_grad = torch.where(keep, lora_grad, lora_grad.new_zeros(()))
+                    apply_keep(lora_grad, unpack_bits(packed, lora_grad.shape), out=lora_grad)
                 grad_x = lora_grad.to(xd.dtype).view(ctx.x_shape)
         return grad_out, grad_x, grad_A, grad_B, None, None, None

@@ -52,3 +52,13 @@ def test_precision_grid_smoke(tmp_path, monkeypatch):
     assert ops[0]["value"] <= 53
     timed = [x for x in rows if x["metric"] == "fwd_bwd_ms" and x["candidate"] == "lora_layers"]
     assert len(timed) == 4 * 2 and all(x["value"] > 0 for x in timed)
+
+
+def test_settings_option_times_a_subset_into_its_own_files():
+    bench = load_benchmark("bench_precision")
+    cfg = bench._config(["--settings", "c", "fp32", "--rounds", "7"])
+    assert cfg.stem == "precision_cpu_fp32_c"  # the full grid's files stay
+    assert cfg.time_cases["a"] == () == cfg.time_cases["b"]
+    assert cfg.time_cases["fp32"] == tuple(cfg.shapes) and cfg.rounds["fp32"] == 7
+    assert bench._config([]).stem == "precision_cpu"
+    assert bench._not_timed(2, "target", "<= 1").status == "N/A"

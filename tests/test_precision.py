@@ -337,11 +337,20 @@ def _saved_bytes_by_storage(fn, exclude) -> int:
 # ----------------------------------------------------------------------------- dropout mask
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def mask_ops(request, monkeypatch):
+    """Runs a test on the CPU's numpy shortcut and on the tensor ops every other device runs."""
+    if request.param == "torch":
+        monkeypatch.setattr(lf, "_numpy_for", lambda t: None)
+    return request.param
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5, 0.9])
-def test_keep_mask_statistics(p):
+def test_keep_mask_statistics(p, mask_ops):
     """Drop rate equals p' = round(p * 2^16) / 2^16 within 5 sigma; neighbours (including the
     four decisions sharing one 64-bit draw) are uncorrelated; every lane of a draw has the
-    same rate; the inverted-dropout factor makes the mean exactly unbiased in expectation."""
+    same rate (the top lane holds the word's sign bit: all 64 bits are random); the
+    inverted-dropout factor makes the mean exactly unbiased in expectation."""
     n = 1 << 20
     torch.manual_seed(3)
     keep = lf.keep_mask((n,), p, torch.device("cpu"))
@@ -373,9 +382,67 @@ def test_keep_mask_reproducible_from_the_seed():
     assert torch.equal(a, b) and a.shape == (7, 33) and a.dtype == torch.bool
 
 
-def test_forward_and_backward_use_the_same_mask():
+def test_keep_mask_sixteen_bit_values_are_uniform():
+    """The draw behind the mask: each 16-bit lane of a word is uniform on its 65536 values
+    (chi-square over 256 buckets of the top byte and of the low byte, well inside 6 sigma),
+    so thresholding at round(p * 2^16) realises p' for every p."""
+    torch.manual_seed(11)
+    words = torch.empty(1 << 18, dtype=torch.int64).random_(-(1 << 63), None)
+    lanes = words.view(torch.int16).view(-1, 4).to(torch.int32) + (1 << 15)  # [0, 65536)
+    for lane in range(4):
+        for byte in (lanes[:, lane] >> 8, lanes[:, lane] & 255):
+            counts = torch.bincount(byte, minlength=256).double()
+            expected = byte.numel() / 256
+            chi2 = ((counts - expected) ** 2 / expected).sum().item()
+            assert abs(chi2 - 255) < 6 * math.sqrt(2 * 255), (lane, chi2)
+
+
+def test_keep_mask_numpy_and_tensor_ops_agree(monkeypatch):
+    """The CPU's numpy shortcut and the tensor ops draw, pack and unpack the same bits."""
+    shape = (37, 29)  # 1073 elements: not a multiple of 8
+    torch.manual_seed(9)
+    keep = lf.keep_mask(shape, 0.2, torch.device("cpu"))
+    packed = lf.pack_bits(keep)
+    monkeypatch.setattr(lf, "_numpy_for", lambda t: None)
+    torch.manual_seed(9)
+    assert torch.equal(lf.keep_mask(shape, 0.2, torch.device("cpu")), keep)
+    assert torch.equal(lf.pack_bits(keep), packed)
+    assert torch.equal(lf.unpack_bits(packed, keep.shape), keep)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, F64])
+def test_apply_keep_equals_where_bit_for_bit(dtype, mask_ops):
+    """``apply_keep`` is ``torch.where(keep, t, 0)`` to the bit: signed zeros, infinities and
+    NaN kept where kept, +0.0 where dropped; strided input; in place through ``out``."""
+    torch.manual_seed(4)
+    t = torch.randn(6, 40, dtype=torch.float32).to(dtype)
+    t[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    t[1, :4] = t[0, :4]
+    keep = torch.rand(6, 40) > 0.3
+    keep[0, :4], keep[1, :4] = True, False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    for src, k in ((t, keep), (t.t(), keep.t())):  # contiguous, then strided
+        want = torch.where(k, src, torch.zeros((), dtype=dtype))
+        assert torch.equal(lf.apply_keep(src, k).view(ints), want.view(ints))
+    inplace = t.clone()
+    assert lf.apply_keep(inplace, keep, out=inplace) is inplace
+    assert torch.equal(inplace.view(ints), torch.where(keep, t, 0.0).view(ints))
+    leaf = torch.randn(6, 40).to(dtype).requires_grad_()  # grad mode on: differentiable
+    lf.apply_keep(leaf, keep).sum().backward()
+    assert torch.equal(leaf.grad, keep.to(dtype))
+
+
+def test_quantized_layers_share_the_keep_mask():
+    """One keep-mask function for every layer (issue 14): the quantized branch uses it."""
+    import lora_layers.quantized as lq
+    import lora_layers.quantized_function as lqf
+
+    assert lq.keep_mask is lf.keep_mask and lqf.keep_mask is lf.keep_mask
+
+
+def test_forward_and_backward_use_the_same_mask(mask_ops):
     """With W = 0 and A = B = I the output is the dropped input; the input gradient of the
-    LoRA branch must be zero exactly where the output is."""
+    LoRA branch must be zero exactly where the output is (numpy shortcut and tensor ops)."""
     n, d = 512, 16
     eye = torch.eye(d)
     x = torch.ones(n, d, requires_grad=True)

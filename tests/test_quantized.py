@@ -30,6 +30,7 @@ from lora_layers import (
     merge_and_unload,
     save_lora,
 )
+from lora_layers.functional import dropout_keep_probability
 from lora_layers.quantized import keep_mask
 from tests.helpers import assert_close, fill_all_, saved_tensor_bytes, tiny_phi3
 
@@ -191,7 +192,8 @@ def test_layer_matches_dense_reference_forward_and_backward(base_dir, p):
     xr = x.detach().clone().requires_grad_(True)
     a, b = (t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B))
     w = dequantized(layer)
-    ref = F.linear(xr, w) + layer.scaling * F.linear(F.linear(xr * keep / (1 - p), a), b)
+    q = dropout_keep_probability(p)  # 1 - p to 2**-17: the mask's realised keep rate
+    ref = F.linear(xr, w) + layer.scaling * F.linear(F.linear(xr * keep / q, a), b)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(ref)
     y.backward(grad)
