@@ -119,6 +119,7 @@ def main() -> None:
             shapes = {k: tuple(v.shape) for k, v in list(adapter.tensors.items())[:2]}
             print(f"saved {len(adapter.tensors)} tensors to {args.out}, e.g. {shapes}")
     if distributed:
+        dist.barrier()  # every rank waits for rank 0's save, then all shut gloo down together
         dist.destroy_process_group()
 
 
