@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lora_layers  # noqa: E402
 from benchmarks import utils as U  # noqa: E402
+from benchmarks.candidates import fwd_bwd_call  # noqa: E402
 from benchmarks.settings import ALPHA, QKV_ENABLE, RANK, SHAPES  # noqa: E402
 
 __all__ = ["BenchConfig", "build_candidates", "main"]
@@ -191,23 +192,6 @@ def build_candidates(base: nn.Linear, fused: bool = False) -> dict[str, nn.Modul
             peft_mod.lora_magnitude_vector["default"].weight.copy_(dora.lora_magnitude)
         mods["peft_dora"] = peft_mod
     return {k: m.train() for k, m in mods.items()}
-
-
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def fwd_bwd_call(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
-    """One forward+backward of ``module`` (output gradient ``g``), gradients cleared after."""
-    params = _trainable(module)
-
-    def run() -> None:
-        module(x).backward(g)
-        x.grad = None
-        for p in params:
-            p.grad = None
-
-    return run
 
 
 def _inputs(n_in: int, n_out: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -259,3 +259,22 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_benchmark_smoke(name: str, out_dir, stem: str) -> dict:
+    """Run ``benchmarks/<name>.py --smoke --threads 1 --out out_dir`` on one intra-op thread,
+    check it wrote ``<stem>.csv/.json/.md`` (non-empty), and return the parsed JSON."""
+    import json
+    from pathlib import Path
+
+    bench = load_benchmark(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes; two threads on a shared CPU wait on each other
+    try:
+        assert bench.main(["--smoke", "--threads", "1", "--out", str(out_dir)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    path = Path(out_dir) / stem
+    for suffix in (".csv", ".json", ".md"):
+        assert path.with_suffix(suffix).stat().st_size > 0
+    return json.loads(path.with_suffix(".json").read_text())

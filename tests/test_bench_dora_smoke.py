@@ -7,25 +7,11 @@ plain LoRA (the LoRA output kept for the magnitude's gradient) but no weight-siz
 
 from __future__ import annotations
 
-import json
-
-import torch
-
-from tests.helpers import load_benchmark
+from tests.helpers import run_benchmark_smoke
 
 
 def test_bench_dora_smoke_run_writes_every_output(tmp_path):
-    bench = load_benchmark("bench_dora")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes; two threads on a shared CPU wait on each other
-    try:
-        assert bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    stem = tmp_path / "dora_cpu_smoke"
-    for suffix in (".csv", ".json", ".md"):
-        assert stem.with_suffix(suffix).stat().st_size > 0
-    doc = json.loads(stem.with_suffix(".json").read_text())
+    doc = run_benchmark_smoke("bench_dora", tmp_path, "dora_cpu_smoke")
     rows = doc["rows"]
     check = [r for r in rows if r["section"] == "check"]
     assert len(check) == 1 and check[0]["value"] < 1e-4
