@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lora_layers import QuantizedLoRALinear
+
 # One dtype -> (rtol, atol) table for every comparison against a dense reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-12, 1e-12),  # tighter than one fp32 rounding: catches fp32 detours
@@ -278,3 +280,25 @@ def run_benchmark_smoke(name: str, out_dir, stem: str) -> dict:
     for suffix in (".csv", ".json", ".md"):
         assert path.with_suffix(suffix).stat().st_size > 0
     return json.loads(path.with_suffix(".json").read_text())
+
+
+class RowInt8Linear(nn.Module):
+    """A toy quantized linear (int8 rows with one fp32 scale each), standing in for torchao/HQQ."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.weight = self.qweight  # what LoRA layers read for device and requires_grad
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.qweight.float() * self.scale)
+
+
+class LoRARowInt8(QuantizedLoRALinear):
+    """The LoRA class for :class:`RowInt8Linear`: it only says how to dequantize."""
+
+    def dequantize(self):
+        return self.base_layer.qweight.float() * self.base_layer.scale

@@ -19,7 +19,14 @@ from torch import nn
 
 import lora_layers
 from lora_layers import dora
-from tests.helpers import assert_close, fill_lora_, saved_tensor_bytes, up
+from tests.helpers import (
+    LoRARowInt8,
+    RowInt8Linear,
+    assert_close,
+    fill_lora_,
+    saved_tensor_bytes,
+    up,
+)
 
 FLOATS = (torch.float64, torch.float32, torch.bfloat16)
 
@@ -540,29 +547,9 @@ def test_dora_weight_norm_of_a_layer_without_dora_raises():
         lora_layers.Linear(4, 4, r=2).dora_weight_norm()
 
 
-class _Int8Rows(nn.Module):
-    """A toy quantized linear (int8 rows, one fp32 scale each), registered for one test."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        scale = weight.abs().amax(1, keepdim=True) / 127
-        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.weight = self.qweight
-
-    def forward(self, x):
-        return F.linear(x, self.qweight.float() * self.scale)
-
-
-class _LoRAInt8Rows(lora_layers.QuantizedLoRALinear):
-    def dequantize(self):
-        return self.base_layer.qweight.float() * self.base_layer.scale
-
-
 def test_use_dora_on_a_quantized_base_is_refused_by_name(monkeypatch):
-    monkeypatch.setitem(lora_layers.QUANTIZED_LINEARS, _Int8Rows, _LoRAInt8Rows)
-    model = nn.Sequential(_Int8Rows(torch.randn(6, 8)))
+    monkeypatch.setitem(lora_layers.QUANTIZED_LINEARS, RowInt8Linear, LoRARowInt8)
+    model = nn.Sequential(RowInt8Linear(torch.randn(6, 8)))
     with pytest.raises(ValueError, match="use_dora=True is not supported on the quantized '0'"):
         lora_layers.inject_lora(model, "all-linear", r=2, use_dora=True)
     lora_layers.inject_lora(model, "all-linear", r=2)  # plain LoRA still works

@@ -202,15 +202,20 @@ def toy_base() -> BatchNormHead:
     return BatchNormHead().eval()
 
 
-def trained_toy() -> BatchNormHead:
-    model = inject_lora(toy_base(), ["proj"], r=2, modules_to_save=["head"])
+def train_toy(model: nn.Module) -> nn.Module:
+    """Three AdamW steps on random batches (trains LoRA and the saved head); returns ``model``."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):
         optimizer.zero_grad()
         model(torch.randn(16, 8)).square().mean().backward()
         optimizer.step()
-    return model.eval()
+    return model
+
+
+def trained_toy() -> BatchNormHead:
+    model = inject_lora(toy_base(), ["proj"], r=2, modules_to_save=["head"])
+    return train_toy(model).eval()
 
 
 def test_save_load_round_trip_is_bit_identical_with_buffers(tmp_path):
@@ -385,13 +390,7 @@ def test_unload_gives_back_the_original_head_merge_keeps_the_trained_one():
 def peft_toy(directory) -> nn.Module:
     """PEFT's own adapter on the toy: LoRA on ``proj``, the BatchNorm head saved whole."""
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], modules_to_save=["head"])
-    model = peft.get_peft_model(toy_base(), config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(16, 8)).square().mean().backward()
-        optimizer.step()
+    model = train_toy(peft.get_peft_model(toy_base(), config))
     model.eval().save_pretrained(str(directory))
     return model
 

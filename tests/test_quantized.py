@@ -32,7 +32,14 @@ from lora_layers import (
 )
 from lora_layers.functional import dropout_keep_probability
 from lora_layers.quantized import keep_mask
-from tests.helpers import assert_close, fill_all_, saved_tensor_bytes, tiny_phi3
+from tests.helpers import (
+    LoRARowInt8,
+    RowInt8Linear,
+    assert_close,
+    fill_all_,
+    saved_tensor_bytes,
+    tiny_phi3,
+)
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -439,26 +446,6 @@ def test_unquantized_linear4bit_and_fp16_weight_8bit_are_refused():
         inject_lora(nn.Sequential(bnb.nn.Linear4bit(64, 64)), ["0"])
     with pytest.raises(TypeError, match="has_fp16_weights=True"):
         inject_lora(nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True)), ["0"])
-
-
-class RowInt8Linear(nn.Module):
-    """A toy quantized linear (int8 rows with one fp32 scale each), standing in for torchao/HQQ."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        scale = weight.abs().amax(1, keepdim=True) / 127
-        self.register_buffer("qweight", torch.round(weight / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.weight = self.qweight  # what LoRA layers read for device and requires_grad
-
-    def forward(self, x):
-        return F.linear(x, self.qweight.float() * self.scale)
-
-
-class LoRARowInt8(QuantizedLoRALinear):
-    def dequantize(self):
-        return self.base_layer.qweight.float() * self.base_layer.scale
 
 
 def test_a_new_quantized_kind_is_one_class_and_one_registry_entry(monkeypatch):
